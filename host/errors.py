@@ -1,0 +1,108 @@
+"""Errors of the host toolchain.
+
+Every error the CLI can end on is a ``TinyfleetError`` subclass with its own exit
+code; ``EXIT_CODES`` is the table that docs/exit-codes.md documents and that a
+test checks for completeness.
+"""
+
+from __future__ import annotations
+
+from tinyfleet.agent.errors import (
+    ConfigError,
+    DigestMismatchError,
+    DowngradeError,
+    ExpiredManifestError,
+    ManifestError,
+    ModelFileError,
+    RuntimeUnavailableError,
+    SignatureError,
+    TinyfleetError,
+)
+
+__all__ = [
+    "EXIT_CODES",
+    "CalibrationError",
+    "ConfigError",
+    "DigestMismatchError",
+    "DowngradeError",
+    "ExpiredManifestError",
+    "GateRejectedError",
+    "KeyError_",
+    "ManifestError",
+    "ModelFileError",
+    "NotFoundError",
+    "RecipeError",
+    "RegistryError",
+    "RuntimeUnavailableError",
+    "SignatureError",
+    "StorageError",
+    "TinyfleetError",
+    "UsageError",
+]
+
+
+class UsageError(TinyfleetError):
+    """A command line argument is invalid."""
+
+    exit_code = 2
+
+
+class RecipeError(TinyfleetError):
+    """A recipe is unknown or its declaration is invalid."""
+
+    exit_code = 4
+
+
+class CalibrationError(TinyfleetError):
+    """Calibration or evaluation data does not fit the model (shape, dtype, count)."""
+
+    exit_code = 7
+
+
+class KeyError_(TinyfleetError):  # noqa: N801 - avoids shadowing the builtin KeyError
+    """The signing key is missing, unreadable or has unsafe permissions."""
+
+    exit_code = 9
+
+
+class StorageError(TinyfleetError):
+    """The registry database is unreachable or the registry directory is unwritable."""
+
+    exit_code = 10
+
+
+class RegistryError(TinyfleetError):
+    """A registry operation is not allowed (e.g. promoting a rejected version)."""
+
+    exit_code = 11
+
+
+class NotFoundError(RegistryError):
+    """A model, version, alias or artifact does not exist."""
+
+    exit_code = 12
+
+
+class GateRejectedError(TinyfleetError):
+    """A version failed its quality gates (it is registered as rejected)."""
+
+    exit_code = 13
+
+
+# Exit code -> (name, help).  0 is success; 1 is an unexpected internal error.
+EXIT_CODES: dict[int, tuple[str, str]] = {
+    0: ("ok", "The command succeeded."),
+    1: ("internal", "An unexpected internal error; the message says where, run with --debug for a traceback."),
+    2: ("usage", UsageError.__doc__ or ""),
+    3: ("config", ConfigError.__doc__ or ""),
+    4: ("recipe", RecipeError.__doc__ or ""),
+    5: ("model-file", ModelFileError.__doc__ or ""),
+    6: ("runtime", RuntimeUnavailableError.__doc__ or ""),
+    7: ("calibration", CalibrationError.__doc__ or ""),
+    8: ("verification", ManifestError.__doc__ or ""),
+    9: ("key", KeyError_.__doc__ or ""),
+    10: ("storage", StorageError.__doc__ or ""),
+    11: ("registry", RegistryError.__doc__ or ""),
+    12: ("not-found", NotFoundError.__doc__ or ""),
+    13: ("gate-rejected", GateRejectedError.__doc__ or ""),
+}
