@@ -1,0 +1,178 @@
+"""ORM tables of the registry (SQLAlchemy 2.0, portable to SQLite and PostgreSQL).
+
+The schema is created and changed only by the Alembic revisions in
+``migrations/versions``; a test checks that the migrated schema matches these
+classes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "VERSION_STATUSES",
+    "AliasRow",
+    "ArtifactRow",
+    "Base",
+    "ModelRow",
+    "UTCDateTime",
+    "VersionRow",
+    "utcnow",
+]
+
+VERSION_STATUSES = ("ready", "rejected")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, to the second (what the registry stores and signs)."""
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite stores it naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 - SQLAlchemy's declared class attribute
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+    }
+
+
+class ModelRow(Base):
+    """A model name; its versions are numbered 1, 2, … in registration order."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+
+    versions: Mapped[list[VersionRow]] = relationship(
+        back_populates="model", order_by="VersionRow.number", passive_deletes=True
+    )
+    aliases: Mapped[list[AliasRow]] = relationship(back_populates="model", passive_deletes=True)
+
+
+class VersionRow(Base):
+    """One registered version: lineage, metrics, gate results and (if ready) its manifest."""
+
+    __tablename__ = "versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "number"),
+        CheckConstraint("status IN ('ready', 'rejected')", name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    number: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))
+    recipe: Mapped[str | None] = mapped_column(String(128))
+    code_version: Mapped[str | None] = mapped_column(String(128))
+    data_fingerprint: Mapped[str | None] = mapped_column(String(128))
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    parent_version: Mapped[int | None]
+    lineage: Mapped[dict[str, Any]]
+    lineage_sha256: Mapped[str] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any]]
+    gates: Mapped[list[Any]]
+    rejection_reasons: Mapped[list[Any]]
+    preprocess: Mapped[str] = mapped_column(String(128))
+    classes: Mapped[list[Any]]
+    reference_sha256: Mapped[str] = mapped_column(String(64))
+    reference_size: Mapped[int] = mapped_column(BigInteger)
+    manifest: Mapped[dict[str, Any] | None]
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64))
+    expires_at: Mapped[datetime | None]
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+
+    model: Mapped[ModelRow] = relationship(back_populates="versions")
+    artifacts: Mapped[list[ArtifactRow]] = relationship(
+        back_populates="version", order_by="ArtifactRow.id", passive_deletes=True
+    )
+
+
+class ArtifactRow(Base):
+    """One model file of a version (a blob in the content-addressed store)."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), index=True
+    )
+    format: Mapped[str] = mapped_column(String(16))
+    precision: Mapped[str] = mapped_column(String(16))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    role: Mapped[str] = mapped_column(String(32))
+    runtime: Mapped[str] = mapped_column(String(64))
+    input_spec: Mapped[dict[str, Any]]
+    output_spec: Mapped[dict[str, Any]]
+    chunk_size: Mapped[int]
+    arena_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    min_ram_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    metrics: Mapped[dict[str, Any]]
+
+    version: Mapped[VersionRow] = relationship(back_populates="artifacts")
+
+
+class AliasRow(Base):
+    """A movable name (``production``, ``canary``…) pointing at one version of a model."""
+
+    __tablename__ = "aliases"
+
+    model_id: Mapped[int] = mapped_column(
+        ForeignKey("models.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id", ondelete="CASCADE"))
+    updated_at: Mapped[datetime]
+
+    model: Mapped[ModelRow] = relationship(back_populates="aliases")
+    version: Mapped[VersionRow] = relationship()
