@@ -40,7 +40,7 @@ class ManifestError(TinyfleetError):
 
 
 class SignatureError(ManifestError):
-    """The manifest's signature does not match the pinned host key."""
+    """A signature (manifest or desired state) does not match the pinned host key."""
 
 
 class ExpiredManifestError(ManifestError):

@@ -18,6 +18,7 @@ from tinyfleet.agent.errors import (
     SignatureError,
     TinyfleetError,
 )
+from tinyfleet.agent.protocol.codec import ProtocolError
 
 __all__ = [
     "EXIT_CODES",
@@ -31,6 +32,7 @@ __all__ = [
     "ManifestError",
     "ModelFileError",
     "NotFoundError",
+    "ProtocolError",
     "RecipeError",
     "RegistryError",
     "RuntimeUnavailableError",
@@ -59,7 +61,7 @@ class CalibrationError(TinyfleetError):
     exit_code = 7
 
 
-class KeyError_(TinyfleetError):  # noqa: N801 - avoids shadowing the builtin KeyError
+class KeyError_(TinyfleetError):
     """The signing key is missing, unreadable or has unsafe permissions."""
 
     exit_code = 9
@@ -92,7 +94,10 @@ class GateRejectedError(TinyfleetError):
 # Exit code -> (name, help).  0 is success; 1 is an unexpected internal error.
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("ok", "The command succeeded."),
-    1: ("internal", "An unexpected internal error; the message says where, run with --debug for a traceback."),
+    1: (
+        "internal",
+        "An unexpected internal error; the message says where, run with --debug for a traceback.",
+    ),
     2: ("usage", UsageError.__doc__ or ""),
     3: ("config", ConfigError.__doc__ or ""),
     4: ("recipe", RecipeError.__doc__ or ""),
@@ -105,4 +110,5 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     11: ("registry", RegistryError.__doc__ or ""),
     12: ("not-found", NotFoundError.__doc__ or ""),
     13: ("gate-rejected", GateRejectedError.__doc__ or ""),
+    14: ("protocol", ProtocolError.__doc__ or ""),
 }
