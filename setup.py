@@ -20,5 +20,7 @@ for name, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=FOLDERS,
-    package_data={"": ["*.toml", "*.json", "*.ini", "*.mako", "*.html", "*.css", "*.js", "py.typed"]},
+    package_data={
+        "": ["*.toml", "*.json", "*.ini", "*.mako", "*.html", "*.css", "*.js", "py.typed"]
+    },
 )

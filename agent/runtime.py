@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -101,6 +102,14 @@ class InferenceModel(Protocol):
 
     def invoke_one(self, x_one: np.ndarray) -> np.ndarray:
         """Output row (float32, no batch axis) for one sample, with or without its batch axis."""
+        ...
+
+    def time_invoke(self, x_one: np.ndarray, runs: int) -> list[int]:
+        """Nanoseconds of ``runs`` runtime invocations on one prepared sample.
+
+        Only the runtime's own call is timed (input already set, quantized if the
+        model is int8): the kernels' speed, without this wrapper's Python work.
+        """
         ...
 
     def close(self) -> None: ...
@@ -380,6 +389,17 @@ class _TfliteModel:
             out[k] = self._run(a[k : k + 1])[0]
         return out
 
+    def time_invoke(self, x_one: np.ndarray, runs: int) -> list[int]:
+        it = self._it
+        it.set_tensor(self._in_index, self._quantize(_as_sample(x_one, self._in_shape, self._what)))
+        invoke, clock = it.invoke, time.perf_counter_ns
+        out = []
+        for _ in range(runs):
+            t0 = clock()
+            invoke()
+            out.append(clock() - t0)
+        return out
+
     def _predict_resized(self, a: np.ndarray) -> np.ndarray:
         it = self._it
         parts = []
@@ -490,6 +510,16 @@ class _OnnxModel:
             parts = [self._run(a[s : s + _BATCH_CHUNK]) for s in range(0, a.shape[0], _BATCH_CHUNK)]
             return np.concatenate(parts) if len(parts) > 1 else parts[0]
         return np.concatenate([self._run(a[k : k + 1]) for k in range(a.shape[0])])
+
+    def time_invoke(self, x_one: np.ndarray, runs: int) -> list[int]:
+        feed = {self._in_name: np.ascontiguousarray(_as_sample(x_one, self._in_shape, self._what))}
+        run, names, clock = self._sess.run, self._out_names, time.perf_counter_ns
+        out = []
+        for _ in range(runs):
+            t0 = clock()
+            run(names, feed)
+            out.append(clock() - t0)
+        return out
 
     def close(self) -> None:
         self._sess = None

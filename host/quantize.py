@@ -117,15 +117,17 @@ def _import_tf() -> Any:
 @contextlib.contextmanager
 def _quiet_converter() -> Iterator[None]:
     """Mute the converter's Python-side chatter (absl deprecation notes, UserWarnings)."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("absl", "tensorflow")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        absl.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 # ----------------------------------------------------------------- calibration
@@ -483,11 +485,7 @@ def _export_function(
 
         _note(progress, "converting ONNX float32 (tf2onnx)")
         try:
-            proto, _ = tf2onnx.convert.from_function(
-                tf.function(call, input_signature=[many]),
-                input_signature=[many],
-                opset=ONNX_OPSET,
-            )
+            proto = _onnx_from_function(tf, tf2onnx, tf.function(call, input_signature=[many]))
         except Exception as exc:
             raise ModelFileError(f"ONNX conversion failed: {_first_line(exc)}") from None
         _write_onnx_pair(
@@ -495,7 +493,7 @@ def _export_function(
             proto.SerializeToString(),
             {
                 **source,
-                "converter": "tf2onnx.convert.from_function",
+                "converter": "tf2onnx.convert.from_graph_def (frozen tf.function)",
                 "tf2onnx": _version("tf2onnx"),
                 "tensorflow": tf.__version__,
                 "opset": ONNX_OPSET,
@@ -505,6 +503,28 @@ def _export_function(
             progress,
         )
         return stage.commit()
+
+
+def _onnx_from_function(tf: Any, tf2onnx: Any, function: Any) -> Any:
+    """ONNX of a ``tf.function`` with its variables frozen into constants.
+
+    ``tf2onnx.convert.from_function`` turns some captured variables (e.g. the mean
+    and variance of a Keras ``Normalization`` layer) into extra graph inputs;
+    freezing first gives a model with the one input a device feeds.
+    """
+    from tensorflow.python.framework.convert_to_constants import (  # type: ignore[import-untyped]
+        convert_variables_to_constants_v2,
+    )
+
+    with _quiet_converter():
+        frozen = convert_variables_to_constants_v2(function.get_concrete_function())
+    proto, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(),
+        input_names=[t.name for t in frozen.inputs],
+        output_names=[t.name for t in frozen.outputs],
+        opset=ONNX_OPSET,
+    )
+    return proto
 
 
 def _keras_sample_shape(model: Any) -> tuple[int, ...]:

@@ -1,0 +1,1 @@
+"""tinyfleet benchmarks: ``./dev bench`` (or ``python -m bench [NAME ...]``)."""
