@@ -92,9 +92,9 @@ class Gates(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_accuracy: float = Field(ge=0.0, le=1.0)
-    """Minimum held-out accuracy of every artifact (float and int8)."""
-    max_int8_drop: float = Field(ge=0.0, le=1.0)
+    min_accuracy: float | None = Field(ge=0.0, le=1.0)
+    """Minimum held-out accuracy of every artifact (float and int8); None: no such gate."""
+    max_int8_drop: float | None = Field(ge=0.0, le=1.0)
     """Maximum accuracy lost by the int8 artifact against the float model (fraction)."""
     max_bytes: int | None = Field(None, ge=1)
     """Maximum size of the int8 TFLite file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -120,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     json_mode = "--json" in args
     _quiet_libraries()
+    with output.json_stdout() if json_mode else contextlib.nullcontext():
+        code = _run(args, json_mode)
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+def _run(args: list[str], json_mode: bool) -> int:
     try:
         rv = app(args=args, prog_name="tinyfleet", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
@@ -146,6 +155,4 @@ def main(argv: list[str] | None = None) -> int:
             output.emit_error_json(1, "internal", msg)
         sys.stderr.write(f"error: {msg} (run with --debug for a traceback)\n")
     sys.stdout.flush()
-    if argv is None:
-        sys.exit(code)
     return code

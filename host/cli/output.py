@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+from contextlib import contextmanager, redirect_stdout
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -27,14 +28,46 @@ def err() -> Console:
     return Console(file=sys.stderr, soft_wrap=True)
 
 
+_json_stream: TextIO | None = None
+
+
+@contextmanager
+def json_stdout() -> Iterator[None]:
+    """Keep stdout for the one JSON document: anything else written to file descriptor 1
+    while the command runs (TensorFlow and converters print there) goes to stderr."""
+    global _json_stream
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real stdout (embedded use): nothing to protect
+        yield
+        return
+    os.dup2(2, 1)
+    _json_stream = os.fdopen(saved, "w", closefd=True)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        _json_stream.close()
+        _json_stream = None
+
+
+def _write_json(payload: dict[str, Any]) -> None:
+    text = json.dumps(payload, indent=2, default=str) + "\n"
+    stream = _json_stream or sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
 def emit_json(value: dict[str, Any]) -> None:
     """One JSON object on stdout: ``{"ok": true, ...}``."""
-    sys.stdout.write(json.dumps({"ok": True, **value}, indent=2, default=str) + "\n")
+    _write_json({"ok": True, **value})
 
 
 def emit_error_json(code: int, name: str, message: str) -> None:
-    payload = {"ok": False, "error": {"code": code, "name": name, "message": message}}
-    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+    _write_json({"ok": False, "error": {"code": code, "name": name, "message": message}})
 
 
 def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
