@@ -16,6 +16,7 @@ from pathlib import Path
 
 BENCHMARKS = {
     "artifacts": "bench.artifacts",
+    "ingest": "bench.ingest",
 }
 
 

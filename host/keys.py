@@ -28,6 +28,7 @@ from tinyfleet.agent.manifest import (
     key_id,
     public_key_bytes,
 )
+from tinyfleet.agent.protocol import DesiredState, SignedDesiredState, sign_desired
 from tinyfleet.host.errors import KeyError_
 
 __all__ = [
@@ -80,6 +81,10 @@ class SigningKey:
     @property
     def key_id(self) -> str:
         return self._key_id
+
+    def sign_desired(self, desired: DesiredState) -> SignedDesiredState:
+        """Sign a device's desired state (verified by the agent with the pinned key)."""
+        return sign_desired(desired, self._key)
 
     def sign_manifest(self, manifest: Manifest) -> SignedManifest:
         """Sign ``canonical_bytes(manifest)``; the manifest must name this key's id."""

@@ -161,7 +161,7 @@ def test_tampered_artifact_manifest_expired_refused(
 def test_bring_your_own_model(
     tmp_path: Path, home: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.agent_support import make_tflite, reference_inputs
+    from agent_support import make_tflite, reference_inputs
 
     tflite = make_tflite(tmp_path / "mine.tflite", 5)
     x, y = reference_inputs(1, 200)

@@ -630,12 +630,13 @@ def test_rollout_lifecycle() -> None:
         is RolloutPhase.ROLLED_BACK
     )
     assert ROLLOUT_MACHINE.terminal == {
-        RolloutPhase.COMPLETED,
         RolloutPhase.ROLLED_BACK,
         RolloutPhase.ABORTED,
         RolloutPhase.FAILED,
     }
-    with pytest.raises(IllegalTransitionError, match="allowed: none"):
+    # a completed rollout can only be rolled back by an operator
+    assert ROLLOUT_MACHINE.events(RolloutPhase.COMPLETED) == {RolloutEvent.ABORT}
+    with pytest.raises(IllegalTransitionError, match="allowed: abort"):
         rollout_transition(RolloutPhase.COMPLETED, RolloutEvent.RESUME)
     with pytest.raises(IllegalTransitionError):
         rollout_transition(RolloutPhase.ABORTING, RolloutEvent.RESUME)

@@ -507,14 +507,15 @@ def test_schema_after_migrations_matches_the_orm(
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert current_revision(registry.engine) == head_revision() == "0001"
+    assert current_revision(registry.engine) == head_revision()
+    assert head_revision() is not None and int(head_revision() or 0) >= 2
     with registry.engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diffs == []
     upgrade(registry.engine)  # idempotent
     again = Registry(registry.root, database_url)
     again.close()
-    assert current_revision(registry.engine) == "0001"
+    assert current_revision(registry.engine) == head_revision()
 
 
 def test_unreachable_postgres_is_a_quick_storage_error(tmp_path: Path) -> None:

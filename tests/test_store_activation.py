@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.agent_support import Version, make_tflite, register_version
+from agent_support import Version, make_tflite, register_version
 from tinyfleet.agent.activation import ActivationError, activate, activate_slot, reason_code
 from tinyfleet.agent.errors import (
     DigestMismatchError,
@@ -86,9 +86,7 @@ def test_refusals_leave_current_model(
     assert reason_code(exc.value) == "downgrade"
     # expired manifest
     with pytest.raises(ExpiredManifestError):
-        _activate(
-            store, versions[2], signing_key, now=datetime.now(timezone.utc) + timedelta(days=400)
-        )
+        _activate(store, versions[2], signing_key, now=datetime.now(UTC) + timedelta(days=400))
     # corrupted artifact bytes
     bad = tmp_path / "bad.tflite"
     data = bytearray(versions[2].model_path.read_bytes())

@@ -341,6 +341,12 @@ class Presence(Message):
     agent_version: SoftwareVersion
     profile: Id = Field(description="Device profile name, e.g. cortex-m7, rpi4.")
     capabilities: Capabilities = Field(default_factory=Capabilities)
+    tags: Annotated[list[Id], Field(max_length=32)] = Field(
+        default_factory=list, description="Tags from the device's configuration (rollout targets)."
+    )
+    groups: Annotated[list[Id], Field(max_length=32)] = Field(
+        default_factory=list, description="Groups from the device's configuration."
+    )
 
     def as_will(self) -> Presence:
         """The ``offline`` presence of the same session, registered as the last will."""
@@ -462,6 +468,7 @@ class InferenceStats(_Record):
     """Inference counts, latency and prediction distribution over one window."""
 
     kind: Literal["inference"] = "inference"
+    model: ModelRef | None = Field(default=None, description="name@version that served the window.")
     window: Count = Field(description="Window sequence number since the model was activated.")
     count: Count
     latency_p50_ms: Millis

@@ -230,6 +230,8 @@ _ROLLOUT_TABLE: dict[tuple[RolloutPhase, RolloutEvent], RolloutPhase] = {
     (_R.PAUSED, _RE.RESUME): _R.RUNNING,
     (_R.PAUSED, _RE.ABORT): _R.ABORTING,
     (_R.PAUSED, _RE.CANCEL): _R.ABORTED,
+    # An operator may roll a finished rollout back.
+    (_R.COMPLETED, _RE.ABORT): _R.ABORTING,
     (_R.ABORTING, _RE.ROLLBACK_DONE): _R.ROLLED_BACK,
     (_R.ABORTING, _RE.ROLLBACK_FAILED): _R.FAILED,
 }

@@ -17,6 +17,7 @@ from sqlalchemy import (
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -30,7 +31,12 @@ __all__ = [
     "AliasRow",
     "ArtifactRow",
     "Base",
+    "DeviceRow",
+    "EventRow",
     "ModelRow",
+    "RolloutDeviceRow",
+    "RolloutRow",
+    "TelemetryRow",
     "UTCDateTime",
     "VersionRow",
     "utcnow",
@@ -176,3 +182,133 @@ class AliasRow(Base):
 
     model: Mapped[ModelRow] = relationship(back_populates="aliases")
     version: Mapped[VersionRow] = relationship()
+
+
+# ----------------------------------------------------------------------------- fleet
+
+
+class DeviceRow(Base):
+    """A device as the host knows it: presence, last reported state, desired state."""
+
+    __tablename__ = "devices"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    profile: Mapped[str | None] = mapped_column(String(64))
+    tags: Mapped[list[Any]]
+    groups: Mapped[list[Any]]
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    capabilities: Mapped[dict[str, Any] | None]
+    session: Mapped[int] = mapped_column(BigInteger, default=0)
+    online: Mapped[bool] = mapped_column(default=False)
+    last_seen: Mapped[datetime | None]
+    reported: Mapped[dict[str, Any] | None]
+    reported_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    active_model: Mapped[str | None] = mapped_column(String(64))
+    active_version: Mapped[int | None] = mapped_column(BigInteger)
+    active_sha256: Mapped[str | None] = mapped_column(String(64))
+    phase: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[dict[str, Any] | None]
+    desired: Mapped[dict[str, Any] | None]
+    desired_generation: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime]
+
+
+class TelemetryRow(Base):
+    """One telemetry record; ``(fleet, device, session, seq)`` makes ingest idempotent."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (UniqueConstraint("fleet", "device", "session", "seq"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    fleet: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64))
+    session: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(96))
+    body: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime]
+
+
+Index(
+    "ix_telemetry_device_kind_ts",
+    TelemetryRow.fleet,
+    TelemetryRow.device,
+    TelemetryRow.kind,
+    TelemetryRow.ts,
+)
+
+
+class EventRow(Base):
+    """A device event (activation, rejection …); idempotent like telemetry."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("fleet", "device", "session", "seq"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    fleet: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str] = mapped_column(String(64), index=True)
+    session: Mapped[int] = mapped_column(BigInteger)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(1000))
+    topic: Mapped[str | None] = mapped_column(String(256))
+    received_at: Mapped[datetime]
+
+
+class RolloutRow(Base):
+    """A rollout of one version to a set of devices, in waves."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    artifact_sha256: Mapped[str] = mapped_column(String(64))
+    target: Mapped[list[Any]]
+    waves: Mapped[list[Any]]
+    soak_s: Mapped[float]
+    wave_timeout_s: Mapped[float]
+    rules: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    wave: Mapped[int] = mapped_column(default=0)
+    wave_started_at: Mapped[datetime | None]
+    soak_until: Mapped[datetime | None]
+    command: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(1000))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    devices: Mapped[list[RolloutDeviceRow]] = relationship(
+        back_populates="rollout", order_by="RolloutDeviceRow.position", passive_deletes=True
+    )
+
+
+class RolloutDeviceRow(Base):
+    """One device's part in a rollout."""
+
+    __tablename__ = "rollout_devices"
+
+    rollout_id: Mapped[str] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    position: Mapped[int]
+    wave: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))
+    generation: Mapped[int | None] = mapped_column(BigInteger)
+    previous: Mapped[dict[str, Any] | None]
+    sent_at: Mapped[datetime | None]
+    done_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(String(1000))
+
+    rollout: Mapped[RolloutRow] = relationship(back_populates="devices")

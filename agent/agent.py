@@ -1,0 +1,954 @@
+"""The device agent: converges on its desired state, serves inference, reports.
+
+``Agent`` is a ``LinkHandler``: a driver (one thread per agent on a device, or one
+thread for thousands of simulated agents) calls it on connect, disconnect and
+message; ``tick()`` is called about once a second for timers.  Handlers stay short:
+downloads advance chunk by chunk, and the slow part of an activation (verify,
+stage, load, health check) runs on an executor, so one slow device never stalls
+the others sharing a driver.
+
+State kept on disk under ``state_dir``::
+
+    agent.json        session counter, last processed generation, last failure
+    models/           the A/B model store (store.py) and downloads in progress
+    telemetry.db      the telemetry spool (spool.py)
+
+Every message from the broker is parsed and validated before it is acted on; a
+bad one is logged, counted, reported (``message_rejected`` event and the
+``rejected_messages`` counter) and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from tinyfleet.agent import features
+from tinyfleet.agent.activation import (
+    Activated,
+    ActivationError,
+    activate,
+    activate_slot,
+    reason_code,
+)
+from tinyfleet.agent.config import AgentConfig
+from tinyfleet.agent.errors import ManifestError, TinyfleetError
+from tinyfleet.agent.faults import crash_point
+from tinyfleet.agent.link import BaseLinkHandler, BrokerConfig, Link, Will
+from tinyfleet.agent.manifest import ManifestArtifact, SignedManifest, verify_manifest
+from tinyfleet.agent.profiles import DeviceProfile, get_profile
+from tinyfleet.agent.protocol import (
+    ActiveModel,
+    AgentPhase,
+    Capabilities,
+    ChunkRequest,
+    DesiredState,
+    DeviceEvent,
+    DownloadProgress,
+    ErrorCode,
+    EventKind,
+    Presence,
+    ProtocolError,
+    ReportedError,
+    ReportedState,
+    SignedDesiredState,
+    TelemetryBatch,
+    Topics,
+    classify_desired,
+    decode,
+    encode,
+    verify_desired,
+)
+from tinyfleet.agent.protocol.topics import TopicKind
+from tinyfleet.agent.runtime import available_runtimes, load_model
+from tinyfleet.agent.spool import Spool
+from tinyfleet.agent.store import ModelStore, write_atomic
+from tinyfleet.agent.transfer import BlobSpec, Download
+
+AGENT_VERSION = "0.1.0"
+MAX_ACTIVATION_ATTEMPTS = 2
+DOWNLOAD_MAX_RETRIES = 6
+FLUSH_BATCH = 100
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class NoModelError(TinyfleetError):
+    """The agent has no model in service yet."""
+
+    exit_code = 16
+
+
+@dataclass
+class Prediction:
+    label: int
+    confidence: float
+    probabilities: np.ndarray
+    model: str
+    latency_ms: float
+
+
+@dataclass
+class WindowStats:
+    """Counters of the current telemetry window (one per serving model)."""
+
+    size: int
+    n_classes: int
+    latencies: np.ndarray = field(init=False)
+    hist: np.ndarray = field(init=False)
+    conf_sum: float = 0.0
+    count: int = 0
+    window: int = 0
+    total: int = 0
+
+    def __post_init__(self) -> None:
+        self.latencies = np.zeros(self.size, dtype=np.float32)
+        self.hist = np.zeros(self.n_classes, dtype=np.int64)
+
+    def add(self, label: int, confidence: float, latency_ms: float) -> bool:
+        """Count one inference; True when the window is full."""
+        self.latencies[self.count] = latency_ms
+        self.hist[label] += 1
+        self.conf_sum += confidence
+        self.count += 1
+        self.total += 1
+        return self.count >= self.size
+
+    def take(self) -> dict[str, Any]:
+        lat = self.latencies[: self.count]
+        out = {
+            "kind": "inference",
+            "window": self.window,
+            "count": self.count,
+            "latency_p50_ms": float(np.percentile(lat, 50)),
+            "latency_p99_ms": float(np.percentile(lat, 99)),
+            "prediction_hist": [int(v) for v in self.hist],
+            "mean_confidence": min(1.0, max(0.0, self.conf_sum / self.count)),
+        }
+        self.window += 1
+        self.count = 0
+        self.hist[:] = 0
+        self.conf_sum = 0.0
+        return out
+
+
+@dataclass
+class Serving:
+    """The model in service and what inference needs around it."""
+
+    activated: Activated
+    preprocess: Callable[[np.ndarray], np.ndarray]
+    stats: WindowStats
+    since: datetime
+
+    @property
+    def label(self) -> str:
+        return self.activated.content.label
+
+
+@dataclass
+class _Job:
+    generation: int
+    sha256: str
+    downloads: list[Download]
+    signed: bytes
+    rollback: bool
+    started: float
+
+
+class Agent(BaseLinkHandler):
+    """One device's agent."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        public_key: Ed25519PublicKey,
+        executor: Executor | None = None,
+        loader: Callable[..., Any] = load_model,
+        logger: logging.Logger | None = None,
+        password: str | None = None,
+        profile: DeviceProfile | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.device = config.device.id
+        self.topics = Topics(config.device.fleet)
+        self.public_key = public_key
+        self.profile = profile or get_profile(config.device.profile)
+        self.log = logger or logging.getLogger(f"tinyfleet.agent.{self.device}")
+        self.clock = clock
+        self._loader = loader
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"act-{self.device}")
+        self._lock = threading.RLock()
+        state = config.paths.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self._state_file = state / "agent.json"
+        self._persisted = self._load_state()
+        self.session = int(self._persisted.get("session", 0))
+        self.generation: int | None = self._persisted.get("generation")
+        self._failed: dict[str, Any] | None = self._persisted.get("failed")
+        self._event_seq = int(self._persisted.get("event_seq", 0))
+        self.store = ModelStore(state / "models")
+        self.spool = Spool(state / "telemetry.db", max_records=config.telemetry.spool_max_records)
+        self.started = clock()
+        self.phase = AgentPhase.IDLE
+        self.serving: Serving | None = None
+        self.desired: DesiredState | None = None
+        self.error: ReportedError | None = None
+        self.rejected = 0
+        self.job: _Job | None = None
+        self._busy = False  # an activation is running on the executor
+        self._inflight: tuple[int, int] | None = None  # (mid, last seq) of the batch in flight
+        # Calls into the link never happen under self._lock (paho calls us back under its own
+        # lock: holding ours while calling it would invert the order).  They queue here and
+        # are sent by whichever thread releases self._lock next, one sender at a time.
+        self._outbox: deque[tuple[Any, ...]] = deque()
+        self._drain_lock = threading.Lock()
+        self._want_flush = False
+        self._early_acks: deque[int] = deque(maxlen=64)
+        self._reported_dirty = True
+        self._next_heartbeat = clock()
+        self.heartbeat_s = config.telemetry.heartbeat_s
+        self.window = config.telemetry.window
+        self.link = Link(
+            BrokerConfig.from_url(
+                config.broker.url,
+                client_id=f"tf-{config.device.fleet}-{self.device}",
+                username=config.broker.username,
+                password=password,
+                protocol=config.broker.protocol,
+                keepalive=config.broker.keepalive,
+                ca_file=config.broker.ca_file,
+                cert_file=config.broker.cert_file,
+                key_file=config.broker.key_file,
+            ),
+            self,
+            logger=self.log.getChild("link"),
+        )
+        self._recover()
+
+    # ------------------------------------------------------------------ persistence
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self._state_file.read_bytes())
+            return value if isinstance(value, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save_state(self) -> None:
+        self._persisted.update(
+            session=self.session,
+            generation=self.generation,
+            failed=self._failed,
+            event_seq=self._event_seq,
+        )
+        write_atomic(self._state_file, json.dumps(self._persisted).encode())
+
+    def _recover(self) -> None:
+        """Start-up: serve the committed model; give up on an activation that keeps crashing."""
+        rec = self.store.recover()
+        for problem in rec.problems:
+            self.log.warning("%s", problem)
+        trial = rec.interrupted
+        if trial is not None and trial.attempts >= MAX_ACTIVATION_ATTEMPTS:
+            self._failed = {
+                "generation": trial.generation,
+                "sha256": trial.sha256,
+                "code": ErrorCode.INTERNAL.value,
+                "message": f"activation crashed {trial.attempts} times; not retried",
+            }
+            self.store.end_trial()
+            self._save_state()
+        if rec.current is not None:
+            try:
+                from tinyfleet.agent.activation import health_check, load_slot
+
+                model, bundle = load_slot(rec.current, self._loader)
+                report = health_check(model, bundle, rec.current.artifact)
+                self._serve(Activated(rec.current, model, bundle, report))
+                self.phase = AgentPhase.ACTIVE
+            except TinyfleetError as exc:
+                self.log.error("committed model %s does not serve: %s", rec.current.label, exc)
+        if self._failed is not None:
+            self.error = ReportedError(
+                code=ErrorCode(self._failed["code"]),
+                message=str(self._failed["message"])[:500],
+                generation=self._failed.get("generation"),
+            )
+
+    # ------------------------------------------------------------------ link handler
+
+    def before_connect(self, link: Link) -> None:
+        with self._lock:
+            self.session += 1
+            self._save_state()
+            link.set_will(
+                Will(self.topics.presence(self.device), encode(self._presence("offline")), 1, True)
+            )
+
+    def on_connected(self, link: Link, session_present: bool) -> None:
+        with self._locked():
+            self._inflight = None
+            self._send(
+                self.topics.presence(self.device), encode(self._presence("online")), retain=True
+            )
+            self._sub(self.topics.device_subscriptions(self.device))
+            if self.job is not None:  # resume a download: ask again for what is missing
+                for d in self.job.downloads:
+                    d.requested.clear()
+                self._request_chunks()
+            self._publish_reported()
+            self._flush()
+
+    def on_disconnected(self, link: Link, reason: str) -> None:
+        with self._locked():
+            self._inflight = None
+            self.log.info("disconnected: %s", reason)
+
+    def on_published(self, link: Link, mid: int) -> None:
+        with self._locked():
+            if self._inflight is not None and self._inflight[0] == mid:
+                self.spool.ack(self._inflight[1])
+                self._inflight = None
+                self._flush()
+            else:  # the PUBACK may beat _flush_now recording the mid
+                self._early_acks.append(mid)
+
+    def on_message(self, link: Link, topic: str, payload: bytes, retained: bool) -> None:
+        with self._locked():
+            try:
+                parsed = self.topics.parse(topic, device=self.device)
+                if parsed.kind is TopicKind.CHUNK:
+                    assert parsed.sha256 is not None and parsed.index is not None
+                    self._on_chunk(parsed.sha256, parsed.index, payload)
+                elif parsed.kind is TopicKind.DESIRED:
+                    self._on_desired(decode(SignedDesiredState, payload))
+                elif parsed.kind is TopicKind.HOST_PRESENCE:
+                    pass  # informational
+                else:
+                    raise ProtocolError(f"unexpected topic {topic!r} for a device")
+            except (ProtocolError, ManifestError) as exc:
+                self._reject(topic, str(exc))
+            except TinyfleetError as exc:
+                self._reject(topic, str(exc))
+            except Exception as exc:  # never let a message kill the agent
+                self.log.exception("internal error handling %s", topic)
+                self._reject(topic, f"internal error: {type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ desired state
+
+    def _on_desired(self, signed: SignedDesiredState) -> None:
+        desired = verify_desired(signed, self.public_key, device=self.device)
+        kind = classify_desired(self.generation, desired.generation)
+        if kind == "stale":
+            self.log.info("ignored stale desired generation %s", desired.generation)
+            self._event(
+                EventKind.MESSAGE_REJECTED,
+                f"stale desired state: generation {desired.generation} < {self.generation}",
+                self.topics.desired(self.device),
+            )
+            return
+        if kind == "duplicate":
+            self.desired = self.desired or desired
+            self._reported_dirty = True
+            if self.job is None and not self._busy and self._failed is None:
+                self._converge()
+            return
+        self.desired = desired
+        self.generation = desired.generation
+        self._failed = None
+        self.error = None
+        if desired.telemetry is not None:
+            self.heartbeat_s = float(desired.telemetry.heartbeat_s)
+            self.window = desired.telemetry.window
+        self._save_state()
+        self._converge()
+
+    def _converge(self) -> None:
+        """Start whatever brings the serving model to the desired one."""
+        desired = self.desired
+        if desired is None or self._busy:
+            return
+        want = desired.model
+        if want is None:
+            self._cancel_job()
+            if self.serving is not None:
+                self._close_serving()
+            self.phase = AgentPhase.IDLE
+            self._publish_reported()
+            return
+        if (
+            self.serving is not None
+            and self.serving.activated.content.artifact.sha256 == want.artifact_sha256
+        ):
+            self._cancel_job()
+            self.phase = AgentPhase.ACTIVE
+            self._publish_reported()
+            return
+        if self.job is not None and self.job.sha256 == want.artifact_sha256:
+            self.job.generation = desired.generation
+            return
+        self._cancel_job()
+        signed_bytes = json.dumps(want.manifest).encode()
+        try:
+            manifest = verify_manifest(
+                signed_bytes,
+                self.public_key,
+                min_version=self._min_version(want.name),
+                allow_rollback=want.rollback,
+            )
+            artifact = next(
+                (a for a in manifest.artifacts if a.sha256 == want.artifact_sha256), None
+            )
+            if artifact is None:
+                raise ManifestError(f"artifact {want.artifact_sha256[:12]} is not in the manifest")
+            self._check_fit(artifact)
+        except (TinyfleetError, ValueError) as exc:
+            self._fail(desired.generation, exc, want.artifact_sha256)
+            return
+        staged = self.store.find(want.artifact_sha256)
+        if staged is not None:
+            self._submit(
+                lambda: activate_slot(
+                    self.store, staged, generation=desired.generation, loader=self._loader
+                ),
+                desired.generation,
+                want.artifact_sha256,
+                want.rollback,
+            )
+            return
+        ref = manifest.reference
+        staging = self.store.staging_dir
+        dl_cfg = self.config.download
+        model_dl = Download.open(
+            BlobSpec(artifact.sha256, artifact.size, artifact.chunk_size, list(artifact.chunks)),
+            staging,
+            window=dl_cfg.chunk_window,
+            timeout=dl_cfg.chunk_timeout_s,
+            clock=self.clock,
+        )
+        ref_dl = Download.open(
+            BlobSpec(ref.sha256, ref.size, artifact.chunk_size, None),
+            staging,
+            window=dl_cfg.chunk_window,
+            timeout=dl_cfg.chunk_timeout_s,
+            clock=self.clock,
+        )
+        self.job = _Job(
+            desired.generation,
+            artifact.sha256,
+            [model_dl, ref_dl],
+            signed_bytes,
+            want.rollback,
+            self.clock(),
+        )
+        self.phase = AgentPhase.DOWNLOADING
+        self._publish_reported()
+        self._request_chunks()
+        self._maybe_finish_download()
+
+    def _min_version(self, model: str) -> int | None:
+        if self.serving is None:
+            return None
+        m = self.serving.activated.content.manifest
+        return m.version if m.model == model else None
+
+    def _check_fit(self, artifact: ManifestArtifact) -> None:
+        p = self.profile
+        if artifact.size > self.config.download.max_artifact_bytes:
+            raise ActivationError(
+                "no_fit",
+                f"artifact is {artifact.size} B, limit {self.config.download.max_artifact_bytes} B",
+            )
+        if p.kind == "mcu":
+            if artifact.format != "tflite" or artifact.precision != "int8":
+                raise ActivationError(
+                    "no_fit",
+                    f"{p.name} runs int8 TFLite only, not {artifact.format} {artifact.precision}",
+                )
+            if artifact.arena_bytes is None:
+                raise ActivationError("no_fit", f"{p.name}: the manifest has no measured arena")
+            need = artifact.arena_bytes + p.ram_reserve_bytes
+            if need > p.ram_bytes:
+                raise ActivationError(
+                    "no_fit",
+                    f"{p.name}: arena {artifact.arena_bytes} B + reserve {p.ram_reserve_bytes} B "
+                    f"= {need} B exceeds RAM {p.ram_bytes} B",
+                )
+            flash = artifact.size + p.runtime_flash_bytes
+            if flash > p.flash_bytes:
+                raise ActivationError(
+                    "no_fit", f"{p.name}: model + runtime {flash} B exceed flash {p.flash_bytes} B"
+                )
+
+    # ------------------------------------------------------------------ download
+
+    def _request_chunks(self) -> None:
+        job = self.job
+        if job is None or not self.link.connected:
+            return
+        subs: list[tuple[str, int]] = []
+        for d in job.downloads:
+            subs += [(self.topics.chunk(d.spec.sha256, i), 1) for i in d.next_requests()]
+        if subs:
+            self._sub(subs)
+
+    def _on_chunk(self, sha256: str, index: int, payload: bytes) -> None:
+        job = self.job
+        d = (
+            None
+            if job is None
+            else next((d for d in job.downloads if d.spec.sha256 == sha256), None)
+        )
+        if d is None:
+            return  # a chunk we no longer want (late retained delivery)
+        topic = self.topics.chunk(sha256, index)
+        try:
+            new = d.on_chunk(index, payload)
+        finally:
+            if index not in d.requested:
+                self._unsub([topic])
+        if new:
+            self._request_chunks()
+            self._maybe_finish_download()
+            if index % 8 == 0:
+                self._reported_dirty = True
+
+    def _maybe_finish_download(self) -> None:
+        job = self.job
+        if job is None or not all(d.done for d in job.downloads):
+            return
+        try:
+            paths = [d.finish() for d in job.downloads]
+        except ManifestError as exc:
+            self._reject(self.topics.chunk(job.sha256, 0), str(exc))
+            self._request_chunks()
+            return
+        crash_point("after_download")
+        self.job = None
+        model_path, ref_path = paths
+        gen, sha, signed, rollback = job.generation, job.sha256, job.signed, job.rollback
+        self.phase = AgentPhase.VERIFYING
+        self._publish_reported()
+
+        def work() -> Activated:
+            return activate(
+                self.store,
+                signed,
+                sha,
+                model_path,
+                ref_path,
+                public_key=self.public_key,
+                generation=gen,
+                loader=self._loader,
+                min_version=self._min_version_unlocked(signed),
+                allow_rollback=rollback,
+            )
+
+        self._submit(work, gen, sha, rollback, cleanup=[model_path, ref_path])
+
+    def _min_version_unlocked(self, signed: bytes) -> int | None:
+        try:
+            name = SignedManifest.model_validate_json(signed).manifest.model
+        except ValueError:
+            return None
+        with self._lock:
+            return self._min_version(name)
+
+    def _cancel_job(self) -> None:
+        job = self.job
+        if job is None:
+            return
+        self.job = None
+        topics = [self.topics.chunk(d.spec.sha256, i) for d in job.downloads for i in d.requested]
+        if topics:
+            self._unsub(topics)
+
+    # ------------------------------------------------------------------ activation
+
+    def _submit(
+        self,
+        work: Callable[[], Activated],
+        generation: int,
+        sha256: str,
+        rollback: bool,
+        cleanup: list[Path] | None = None,
+    ) -> None:
+        self._busy = True
+        self.phase = AgentPhase.ACTIVATING
+        self._publish_reported()
+
+        def run() -> None:
+            try:
+                result: Activated | BaseException = work()
+            except BaseException as exc:  # reported below; never lost in the executor
+                result = exc
+            with self._locked():
+                self._busy = False
+                if isinstance(result, BaseException):
+                    self._fail(generation, result, sha256)
+                else:
+                    previous = self.serving
+                    self._serve(result)
+                    if previous is not None:
+                        previous.activated.model.close()
+                    self.phase = AgentPhase.ACTIVE
+                    self.error = None
+                    self._event(
+                        EventKind.ROLLED_BACK if rollback else EventKind.ACTIVATED,
+                        f"{result.content.label} in slot {result.content.slot}; "
+                        f"health agreement {result.health.agreement:.0%}, "
+                        f"max latency {result.health.latency_ms_max:.2f} ms",
+                    )
+                    for p in cleanup or []:
+                        p.unlink(missing_ok=True)
+                    self._publish_reported()
+                # a newer desired state may have arrived meanwhile
+                want = self.desired.model if self.desired is not None else None
+                if (self.desired is not None and self.desired.generation != generation) or (
+                    want is not None
+                    and self.serving is not None
+                    and want.artifact_sha256 != self.serving.activated.content.artifact.sha256
+                    and self._failed is None
+                ):
+                    self._converge()
+
+        self.executor.submit(run)
+
+    def _serve(self, activated: Activated) -> None:
+        manifest = activated.content.manifest
+        n_classes = int(np.prod(activated.content.artifact.output.shape[1:])) or len(
+            manifest.classes
+        )
+        self.serving = Serving(
+            activated=activated,
+            preprocess=features.get_pipeline(manifest.preprocess),
+            stats=WindowStats(self.window, max(1, n_classes)),
+            since=_utcnow(),
+        )
+
+    def _close_serving(self) -> None:
+        if self.serving is not None:
+            self.serving.activated.model.close()
+            self.serving = None
+
+    def _fail(self, generation: int, exc: BaseException, sha256: str | None) -> None:
+        code = reason_code(exc)
+        message = exc.message if isinstance(exc, ActivationError) else str(exc)
+        if code == "internal":
+            self.log.error("activation of generation %s failed", generation, exc_info=exc)
+        else:
+            self.log.warning("generation %s refused (%s): %s", generation, code, message)
+        self._failed = {
+            "generation": generation,
+            "sha256": sha256,
+            "code": code,
+            "message": message[:500],
+        }
+        try:
+            err_code = ErrorCode(code)
+        except ValueError:
+            err_code = ErrorCode.INTERNAL
+        self.error = ReportedError(
+            code=err_code, message=message[:500] or code, generation=generation
+        )
+        self.phase = AgentPhase.ROLLED_BACK if code == "health_check" else AgentPhase.FAILED
+        self._save_state()
+        self._event(
+            EventKind.NO_FIT if code == "no_fit" else EventKind.ACTIVATION_FAILED,
+            f"{code}: {message}",
+        )
+        self._publish_reported()
+        # the previous model keeps serving
+        self.phase = AgentPhase.ACTIVE if self.serving is not None else AgentPhase.IDLE
+
+    # ------------------------------------------------------------------ inference
+
+    def infer(self, raw: np.ndarray) -> Prediction:
+        """Run the serving model on one raw input (before the version's feature pipeline)."""
+        serving = self.serving
+        if serving is None:
+            raise NoModelError("no model is in service yet")
+        t0 = time.perf_counter()
+        x = serving.preprocess(np.asarray(raw, dtype=np.float32)[None, ...])
+        probs = serving.activated.model.invoke_one(x[0])
+        latency = (time.perf_counter() - t0) * 1000.0
+        label = int(np.argmax(probs))
+        confidence = float(probs[label])
+        if serving.stats.add(label, confidence, latency):
+            record = serving.stats.take()
+            record["model"] = serving.label
+            self.spool.append(self.session, "inference", json.dumps(record).encode())
+        return Prediction(label, confidence, probs, serving.label, latency)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _presence(self, status: str) -> Presence:
+        return Presence(
+            device=self.device,
+            status=status,  # type: ignore[arg-type]
+            session=max(1, self.session),
+            ts=_utcnow(),
+            agent_version=AGENT_VERSION,
+            profile=self.profile.name,
+            capabilities=Capabilities(
+                runtimes=available_runtimes(), ram_bytes=self.profile.ram_bytes
+            ),
+            tags=self.config.device.tags,
+            groups=self.config.device.groups,
+        )
+
+    def _active_model(self, serving: Serving | None) -> ActiveModel | None:
+        if serving is None:
+            return None
+        c = serving.activated.content
+        return ActiveModel(
+            name=c.manifest.model,
+            version=c.manifest.version,
+            sha256=c.artifact.sha256,
+            slot=c.slot,
+            since=serving.since,
+        )  # type: ignore[arg-type]
+
+    def reported_state(self) -> ReportedState:
+        with self._lock:
+            progress = None
+            if self.job is not None:
+                d = self.job.downloads[0]
+                progress = DownloadProgress(
+                    sha256=d.spec.sha256, received_chunks=d.received, total_chunks=d.spec.chunks
+                )
+            prev = None
+            if self.serving is not None:
+                other = self.store.read_slot(
+                    self.store.other(self.serving.activated.content.slot), check_digest=False
+                )
+                if other is not None:
+                    prev = ActiveModel(
+                        name=other.manifest.model,
+                        version=other.manifest.version,
+                        sha256=other.artifact.sha256,
+                        slot=other.slot,
+                        since=self.serving.since,
+                    )  # type: ignore[arg-type]
+            return ReportedState(
+                device=self.device,
+                session=max(1, self.session),
+                ts=_utcnow(),
+                generation=self.generation or 0,
+                phase=self.phase,
+                active=self._active_model(self.serving),
+                previous=prev,
+                error=self.error,
+                rejected_messages=self.rejected,
+                progress=progress,
+            )
+
+    def _publish_reported(self) -> None:
+        self._reported_dirty = False
+        if self.link.connected:
+            self._send(
+                self.topics.reported(self.device), encode(self.reported_state()), retain=True
+            )
+        else:
+            self._reported_dirty = True
+
+    def _event(self, kind: EventKind, detail: str, topic: str | None = None) -> None:
+        self._event_seq += 1
+        if not self.link.connected:
+            return
+        event = DeviceEvent(
+            device=self.device,
+            session=max(1, self.session),
+            seq=self._event_seq,
+            ts=_utcnow(),
+            kind=kind,
+            detail=detail[:1000],
+            topic=topic[:256] if topic else None,
+        )
+        self._send(self.topics.events(self.device), encode(event))
+
+    def _reject(self, topic: str, reason: str) -> None:
+        self.rejected += 1
+        self.log.warning("rejected message on %s: %s", topic, reason)
+        self._event(EventKind.MESSAGE_REJECTED, reason, topic)
+        self._reported_dirty = True
+
+    # ------------------------------------------------------------------ outbox
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            yield
+        self._drain()
+
+    def _send(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._outbox.append(("pub", topic, payload, qos, retain))
+
+    def _sub(self, filters: list[tuple[str, int]]) -> None:
+        self._outbox.append(("sub", filters))
+
+    def _unsub(self, topics: list[str]) -> None:
+        self._outbox.append(("unsub", topics))
+
+    def _drain(self) -> None:
+        """Send what is queued, in order; if another thread is sending, it sends ours too."""
+        while self._outbox or self._want_flush:
+            if not self._drain_lock.acquire(blocking=False):
+                return
+            try:
+                while self._outbox:
+                    op = self._outbox.popleft()
+                    if op[0] == "pub":
+                        self.link.publish(op[1], op[2], op[3], op[4])
+                    elif op[0] == "sub":
+                        self.link.subscribe(op[1])
+                    else:
+                        self.link.unsubscribe(op[1])
+                if self._want_flush:
+                    self._want_flush = False
+                    self._flush_now()
+            finally:
+                self._drain_lock.release()
+
+    def _flush(self) -> None:
+        self._want_flush = True
+
+    def _flush_now(self) -> None:
+        """Send the oldest spooled telemetry (one batch in flight; acked on PUBACK)."""
+        with self._lock:
+            if self._inflight is not None or not self.link.connected:
+                return
+            payload, last = self._telemetry_batch()
+            if payload is None:
+                return
+            self._inflight = (-1, last)  # reserved until the mid is known
+        mid = self.link.publish(self.topics.telemetry(self.device), payload, 1, False)
+        with self._lock:
+            if mid is None:
+                self._inflight = None
+            elif mid in self._early_acks:
+                self._early_acks.remove(mid)
+                self.spool.ack(last)
+                self._inflight = None
+                self._want_flush = True
+            else:
+                self._inflight = (mid, last)
+
+    def _telemetry_batch(self) -> tuple[bytes | None, int]:
+        records = self.spool.peek(FLUSH_BATCH)
+        if not records:
+            return None, 0
+        batch: list[dict[str, Any]] = []
+        for r in records:
+            try:
+                body = json.loads(r.body)
+            except ValueError:
+                continue
+            body.update(seq=r.seq, session=min(r.session, max(1, self.session)))
+            batch.append(body)
+        try:
+            msg = TelemetryBatch.model_validate(
+                {"device": self.device, "session": max(1, self.session), "records": batch}
+            )
+        except (
+            ValueError
+        ) as exc:  # a record we wrote cannot be sent: drop it, don't block the queue
+            self.log.error("dropping unsendable telemetry up to seq %s: %s", records[-1].seq, exc)
+            self.spool.ack(records[-1].seq)
+            return None, 0
+        return encode(msg), records[-1].seq
+
+    # ------------------------------------------------------------------ timers
+
+    def tick(self) -> None:
+        """Timers: heartbeat, chunk timeouts, telemetry flush, deferred reports."""
+        with self._locked():
+            now = self.clock()
+            if now >= self._next_heartbeat:
+                self._next_heartbeat = now + self.heartbeat_s
+                self.spool.append(
+                    self.session or 1, "heartbeat", json.dumps(self._heartbeat()).encode()
+                )
+                self._flush()
+            job = self.job
+            if job is not None and self.link.connected:
+                late = [(d, d.overdue()) for d in job.downloads]
+                if any(idx for _, idx in late):
+                    if max(d.retries for d in job.downloads) > DOWNLOAD_MAX_RETRIES:
+                        self._cancel_job()
+                        self._fail(
+                            job.generation,
+                            ActivationError("download_timeout", "chunks did not arrive"),
+                            job.sha256,
+                        )
+                    else:
+                        for d, idx in late:
+                            if idx:
+                                request = ChunkRequest(
+                                    device=self.device, sha256=d.spec.sha256, chunks=idx
+                                )
+                                self._send(self.topics.chunk_request(self.device), encode(request))
+                                self._sub([(self.topics.chunk(d.spec.sha256, i), 1) for i in idx])
+            if self._reported_dirty:
+                self._publish_reported()
+
+    def _heartbeat(self) -> dict[str, Any]:
+        s = self.serving
+        lat = None
+        if s is not None and s.stats.count:
+            lat = s.stats.latencies[: s.stats.count]
+        return {
+            "kind": "heartbeat",
+            "ts": _utcnow().isoformat(),
+            "uptime_s": round(self.clock() - self.started, 3),
+            "model": None if s is None else s.label,
+            "inference_count": 0 if s is None else s.stats.total,
+            "latency_p50_ms": None if lat is None else float(np.percentile(lat, 50)),
+            "latency_p99_ms": None if lat is None else float(np.percentile(lat, 99)),
+            "prediction_hist": [] if s is None else [int(v) for v in s.stats.hist],
+            "rejected_messages": self.rejected,
+            "spool_dropped": self.spool.dropped,
+            "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say goodbye (offline presence), disconnect cleanly, release resources."""
+        with self._locked():
+            if self.link.connected:
+                self._send(
+                    self.topics.presence(self.device),
+                    encode(self._presence("offline")),
+                    retain=True,
+                )
+        self.link.close(timeout)
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+        with self._lock:
+            self._close_serving()
+            self.spool.close()
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for local tools (``tinyfleet-agent status``, the local API)."""
+        return self.reported_state().model_dump(mode="json")
