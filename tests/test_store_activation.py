@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from agent_support import Version, make_tflite, register_version
+
 from tinyfleet.agent.activation import ActivationError, activate, activate_slot, reason_code
 from tinyfleet.agent.errors import (
     DigestMismatchError,
