@@ -35,6 +35,7 @@ __all__ = [
     "ProtocolError",
     "RecipeError",
     "RegistryError",
+    "RolloutFailedError",
     "RuntimeUnavailableError",
     "SignatureError",
     "StorageError",
@@ -91,6 +92,12 @@ class GateRejectedError(TinyfleetError):
     exit_code = 13
 
 
+class RolloutFailedError(TinyfleetError):
+    """A followed rollout ended without completing (rolled back, aborted or failed)."""
+
+    exit_code = 20
+
+
 # Exit code -> (name, help).  0 is success; 1 is an unexpected internal error.
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("ok", "The command succeeded."),
@@ -111,4 +118,5 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     12: ("not-found", NotFoundError.__doc__ or ""),
     13: ("gate-rejected", GateRejectedError.__doc__ or ""),
     14: ("protocol", ProtocolError.__doc__ or ""),
+    20: ("rollout-failed", RolloutFailedError.__doc__ or ""),
 }

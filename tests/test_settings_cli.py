@@ -43,35 +43,35 @@ def test_every_exit_code_documented() -> None:
     assert all(help_text.strip() for _, help_text in EXIT_CODES.values())
 
 
-def test_exit_codes_command_json(capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_codes_command_json(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["exit-codes", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capfd.readouterr().out)
     assert out["ok"] is True and {e["code"] for e in out["exit_codes"]} == set(EXIT_CODES)
 
 
 def test_unknown_recipe_is_one_line_and_code(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["--home", str(tmp_path), "pipeline", "no-such-recipe", "--no-register", "-q"])
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert code == 4
     assert "no-such-recipe" in captured.err and "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1
 
 
-def test_json_error_envelope(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_error_envelope(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     code = main(["--home", str(tmp_path), "models", "show", "nothing@1", "--json"])
-    out = json.loads(capsys.readouterr().out)
+    out = json.loads(capfd.readouterr().out)
     assert code == 12 and out["ok"] is False and out["error"]["name"] == "not-found"
 
 
-def test_bad_config_file_names_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_config_file_names_key(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "host.toml").write_text("nope = 1\n")
     assert main(["--home", str(tmp_path), "models", "list"]) == 3
-    assert "nope" in capsys.readouterr().err
+    assert "nope" in capfd.readouterr().err
 
 
-def test_usage_error_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+def test_usage_error_exit_2(capfd: pytest.CaptureFixture[str]) -> None:
     assert main(["pipeline"]) == 2
     assert main(["pipeline", "vibration", "--set", "novalue"]) == 2
-    assert "Traceback" not in capsys.readouterr().err
+    assert "Traceback" not in capfd.readouterr().err
