@@ -46,7 +46,7 @@ from tinyfleet.agent.activation import (
     reason_code,
 )
 from tinyfleet.agent.config import AgentConfig
-from tinyfleet.agent.errors import ManifestError, TinyfleetError
+from tinyfleet.agent.errors import ManifestError, SignatureError, TinyfleetError
 from tinyfleet.agent.faults import crash_point
 from tinyfleet.agent.link import BaseLinkHandler, BrokerConfig, Link, Will
 from tinyfleet.agent.manifest import ManifestArtifact, SignedManifest, verify_manifest
@@ -61,6 +61,7 @@ from tinyfleet.agent.protocol import (
     DownloadProgress,
     ErrorCode,
     EventKind,
+    HostPresence,
     Presence,
     ProtocolError,
     ReportedError,
@@ -69,6 +70,7 @@ from tinyfleet.agent.protocol import (
     TelemetryBatch,
     Topics,
     classify_desired,
+    classify_session,
     decode,
     encode,
     verify_desired,
@@ -83,6 +85,8 @@ AGENT_VERSION = "0.1.0"
 MAX_ACTIVATION_ATTEMPTS = 2
 DOWNLOAD_MAX_RETRIES = 6
 FLUSH_BATCH = 100
+HOST_PRESENCE_WAIT_S = 2.0
+"""After connecting, how long telemetry waits for the retained host presence (see _host_ready)."""
 
 
 def _utcnow() -> datetime:
@@ -134,6 +138,7 @@ class WindowStats:
         lat = self.latencies[: self.count]
         out = {
             "kind": "inference",
+            "ts": _utcnow().isoformat(),
             "window": self.window,
             "count": self.count,
             "latency_p50_ms": float(np.percentile(lat, 50)),
@@ -225,6 +230,13 @@ class Agent(BaseLinkHandler):
         self._want_flush = False
         self._early_acks: deque[int] = deque(maxlen=64)
         self._reported_dirty = True
+        # What the retained host/presence says (None: not known on this connection yet) and
+        # the host session it came from.  Telemetry waits while the host is offline: with
+        # nobody subscribed the broker would accept and drop it, and the spool would count
+        # it as delivered.  Chunk requests and events are not held.
+        self._host_online: bool | None = None
+        self._host_session: int | None = None
+        self._hold_flush_until = 0.0
         self._next_heartbeat = clock()
         self.heartbeat_s = config.telemetry.heartbeat_s
         self.window = config.telemetry.window
@@ -308,6 +320,10 @@ class Agent(BaseLinkHandler):
     def on_connected(self, link: Link, session_present: bool) -> None:
         with self._locked():
             self._inflight = None
+            # The retained host presence comes right after the SUBACK; until it does (or a
+            # short wait passes: a broker without any host presence), telemetry waits.
+            self._host_online = None
+            self._hold_flush_until = self.clock() + HOST_PRESENCE_WAIT_S
             self._send(
                 self.topics.presence(self.device), encode(self._presence("online")), retain=True
             )
@@ -337,13 +353,15 @@ class Agent(BaseLinkHandler):
         with self._locked():
             try:
                 parsed = self.topics.parse(topic, device=self.device)
+                if not payload:
+                    return  # a cleared retained message (protocol §4): ignored, not counted
                 if parsed.kind is TopicKind.CHUNK:
                     assert parsed.sha256 is not None and parsed.index is not None
                     self._on_chunk(parsed.sha256, parsed.index, payload)
                 elif parsed.kind is TopicKind.DESIRED:
                     self._on_desired(decode(SignedDesiredState, payload))
                 elif parsed.kind is TopicKind.HOST_PRESENCE:
-                    pass  # informational
+                    self._on_host_presence(decode(HostPresence, payload))
                 else:
                     raise ProtocolError(f"unexpected topic {topic!r} for a device")
             except (ProtocolError, ManifestError) as exc:
@@ -356,17 +374,46 @@ class Agent(BaseLinkHandler):
 
     # ------------------------------------------------------------------ desired state
 
+    def _on_host_presence(self, presence: HostPresence) -> None:
+        if classify_session(self._host_session, presence.session) == "stale":
+            return  # the late will (or birth) of an earlier host process
+        self._host_session = presence.session
+        was = self._host_online
+        self._host_online = presence.status == "online"
+        if self._host_online and not was:
+            self._flush()
+
+    def _host_ready(self) -> bool:
+        """Whether telemetry may go out: the host is online, or no presence came in time."""
+        if self._host_online is None:
+            return self.clock() >= self._hold_flush_until
+        return self._host_online
+
     def _on_desired(self, signed: SignedDesiredState) -> None:
-        desired = verify_desired(signed, self.public_key, device=self.device)
+        try:
+            desired = verify_desired(signed, self.public_key, device=self.device)
+        except (SignatureError, ProtocolError) as exc:
+            # Nothing in an unverified desired state is trusted, its generation included (a
+            # forged high generation would lock the device out of every later update), so it
+            # is not processed; on_message counts it as rejected.  The reported error still
+            # says why (e.g. a host key that is not the pinned one), without a generation, and
+            # never in place of the failure of a generation that was processed.
+            if self.error is None or self.error.generation is None:
+                code = (
+                    ErrorCode.SIGNATURE
+                    if isinstance(exc, SignatureError)
+                    else ErrorCode.BAD_MESSAGE
+                )
+                self.error = ReportedError(code=code, message=str(exc)[:500] or code.value)
+            raise
         kind = classify_desired(self.generation, desired.generation)
         if kind == "stale":
-            self.log.info("ignored stale desired generation %s", desired.generation)
-            self._event(
-                EventKind.MESSAGE_REJECTED,
-                f"stale desired state: generation {desired.generation} < {self.generation}",
-                self.topics.desired(self.device),
+            # A replayed or late older desired state is a rejected message like any other
+            # (counted and reported): the event alone, without the counter, would make the
+            # two disagree.
+            raise ProtocolError(
+                f"stale desired state: generation {desired.generation} < {self.generation}"
             )
-            return
         if kind == "duplicate":
             self.desired = self.desired or desired
             self._reported_dirty = True
@@ -836,7 +883,7 @@ class Agent(BaseLinkHandler):
     def _flush_now(self) -> None:
         """Send the oldest spooled telemetry (one batch in flight; acked on PUBACK)."""
         with self._lock:
-            if self._inflight is not None or not self.link.connected:
+            if self._inflight is not None or not self.link.connected or not self._host_ready():
                 return
             payload, last = self._telemetry_batch()
             if payload is None:
@@ -866,16 +913,24 @@ class Agent(BaseLinkHandler):
                 continue
             body.update(seq=r.seq, session=min(r.session, max(1, self.session)))
             batch.append(body)
+        head = {"device": self.device, "session": max(1, self.session)}
         try:
-            msg = TelemetryBatch.model_validate(
-                {"device": self.device, "session": max(1, self.session), "records": batch}
-            )
-        except (
-            ValueError
-        ) as exc:  # a record we wrote cannot be sent: drop it, don't block the queue
-            self.log.error("dropping unsendable telemetry up to seq %s: %s", records[-1].seq, exc)
-            self.spool.ack(records[-1].seq)
-            return None, 0
+            msg = TelemetryBatch.model_validate({**head, "records": batch})
+        except ValueError:
+            # A record we wrote cannot be sent: drop that record only (the others of the
+            # batch still go; the acknowledgement covers the whole batch), never block the queue.
+            good = []
+            for body in batch:
+                try:
+                    TelemetryBatch.model_validate({**head, "records": [body]})
+                except ValueError as exc:
+                    self.log.error("dropping unsendable telemetry seq %s: %s", body["seq"], exc)
+                else:
+                    good.append(body)
+            if not good:
+                self.spool.ack(records[-1].seq)
+                return None, 0
+            msg = TelemetryBatch.model_validate({**head, "records": good})
         return encode(msg), records[-1].seq
 
     # ------------------------------------------------------------------ timers
@@ -890,6 +945,8 @@ class Agent(BaseLinkHandler):
                     self.session or 1, "heartbeat", json.dumps(self._heartbeat()).encode()
                 )
                 self._flush()
+            elif self.spool.pending and self._inflight is None:
+                self._flush()  # e.g. records held back until the host came online
             job = self.job
             if job is not None and self.link.connected:
                 late = [(d, d.overdue()) for d in job.downloads]

@@ -139,3 +139,72 @@ class InProcessFleet:
 
     def states(self) -> dict[str, Any]:
         return {d: a.reported_state() for d, a in self.agents.items()}
+
+
+class SensorFeed:
+    """Feeds each agent vibration windows from its own simulated sensor, at a fixed rate.
+
+    The application on a real device does this; here every device's sensor has its
+    own parameters (``DeviceParams.for_device``), the fleet seed, and a label mix.
+    Inference errors (e.g. no model yet) are counted, never raised.
+    """
+
+    def __init__(
+        self,
+        fleet: InProcessFleet,
+        *,
+        rate_hz: float = 2.0,
+        seed: int = 7,
+        class_probs: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1),
+    ) -> None:
+        import numpy as np
+
+        from tinyfleet.sim.sensors import DeviceParams, VibrationSensor, derive_seed
+
+        self.fleet = fleet
+        self.rate_hz = rate_hz
+        self.class_probs = np.asarray(class_probs, dtype=np.float64)
+        self.sensors = {
+            d: VibrationSensor(
+                DeviceParams.for_device(d, seed),
+                np.random.default_rng(derive_seed(seed, d, "feed")),
+            )
+            for d in fleet.agents
+        }
+        self._rng = np.random.default_rng(seed)
+        self.inferences = 0
+        self.correct = 0
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sim-sensors", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def accuracy(self) -> float | None:
+        return None if not self.inferences else self.correct / self.inferences
+
+    def _run(self) -> None:
+        from tinyfleet.agent.agent import NoModelError
+
+        period = 1.0 / self.rate_hz
+        while not self._stop.wait(period):
+            for device, agent in list(self.fleet.agents.items()):
+                sensor = self.sensors.get(device)
+                if sensor is None or agent.serving is None:
+                    continue
+                label = int(self._rng.choice(len(self.class_probs), p=self.class_probs))
+                window = sensor.window(label)
+                try:
+                    p = agent.infer(window)
+                except NoModelError:
+                    continue
+                except Exception:
+                    self.errors += 1
+                    continue
+                self.inferences += 1
+                self.correct += int(p.label == sensor.last_label)

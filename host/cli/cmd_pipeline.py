@@ -264,19 +264,45 @@ def keys_show(json_out: JsonOpt = False) -> None:
 
 @app.command("demo")
 def demo_cmd(
+    devices: Annotated[int, typer.Option(help="Simulated devices.")] = 20,
     small: SmallOpt = False,
+    broker: Annotated[
+        str | None, typer.Option(help="Use this broker instead of starting Mosquitto.")
+    ] = None,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Leave everything running until Ctrl-C.")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the end-to-end demo on the embedded defaults (today: the model pipeline on `vibration`)."""
-    from tinyfleet.host.errors import KeyError_
-    from tinyfleet.host.keys import init_keys, load_signing_key
+    """The loop end to end on embedded defaults: pipeline, broker, service, fleet, rollouts."""
+    import signal
+    import threading
 
-    s = settings()
-    try:
-        load_signing_key(s.keys_dir)
-    except KeyError_:
-        init_keys(s.keys_dir)
+    from tinyfleet.host.demo import DemoOptions, run_demo
+
+    if not 1 <= devices <= 2000:
+        raise UsageError(f"--devices {devices}: between 1 and 2000 in one demo process")
+    stop = threading.Event()
+    if keep:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    say = (lambda _m: None) if quiet else (lambda m: output.err().print(m, highlight=False))
     with output.reporter(not quiet) as rep:
-        result = pipeline.run_pipeline(s, "vibration", small=small, reporter=rep)
-    _finish(result, json_out)
+        summary = run_demo(
+            settings(),
+            DemoOptions(devices=devices, small=small, broker_url=broker, keep=keep),
+            reporter=rep,
+            say=say,
+            stop=stop,
+        )
+    if json_out:
+        output.emit_json({"steps": summary.steps})
+        return
+    rows = []
+    for st in summary.steps:
+        figures = {k: v for k, v in st.items() if k not in ("step", "seconds")}
+        rows.append(
+            (st["step"], f"{st['seconds']:.1f}", ", ".join(f"{k}={v}" for k, v in figures.items()))
+        )
+    output.table("tinyfleet demo", ["step", "seconds", "figures"], rows)

@@ -136,7 +136,8 @@ class FleetService(BaseLinkHandler):
 
     def on_disconnected(self, link: Link, reason: str) -> None:
         self.connected.clear()
-        self.log.warning("disconnected from the broker: %s", reason)
+        level = logging.INFO if self._stop.is_set() else logging.WARNING
+        self.log.log(level, "disconnected from the broker: %s", reason)
 
     def on_message(self, link: Link, topic: str, payload: bytes, retained: bool) -> None:
         try:
