@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
 import sys
 import time
@@ -17,10 +18,15 @@ from pathlib import Path
 BENCHMARKS = {
     "artifacts": "bench.artifacts",
     "ingest": "bench.ingest",
+    "rollout": "bench.rollout",
+    "agent": "bench.agent",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    # TensorFlow's C++ logging goes straight to stderr; keep the figures readable.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run: {', '.join(BENCHMARKS)}")
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
