@@ -584,12 +584,15 @@ class Agent(BaseLinkHandler):
         job = self.job
         if job is None or not all(d.done for d in job.downloads):
             return
-        try:
-            paths = [d.finish() for d in job.downloads]
-        except ManifestError as exc:
-            self._reject(self.topics.chunk(job.sha256, 0), str(exc))
-            self._request_chunks()
-            return
+        paths: list[Path] = []
+        for d in job.downloads:
+            try:
+                paths.append(d.finish())
+            except ManifestError as exc:
+                # the blob is fetched again: its chunks are asked for when they time out
+                self._reject(self.topics.chunk(d.spec.sha256, 0), str(exc))
+                self._request_chunks()
+                return
         crash_point("after_download")
         self.job = None
         model_path, ref_path = paths

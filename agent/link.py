@@ -6,7 +6,7 @@ network loop of its own: a driver from ``tinyfleet.agent.drivers`` does, either 
 (thousands of links in one thread: the fleet simulator).  The driver connects,
 reconnects with full-jitter ``Backoff`` and calls the handler from its thread.
 
-Sessions are clean (``clean_session=True`` on MQTT 3.1.1, ``clean_start=True`` and
+By default sessions are clean (``clean_session=True`` on MQTT 3.1.1, ``clean_start=True`` and
 no session expiry on MQTT 5): the agent subscribes again in ``on_connected`` and
 reads its state from retained messages, so no broker-side session is needed.
 QoS 1 messages that were in flight when a connection dropped are sent again by
@@ -73,6 +73,12 @@ class BrokerConfig:
     keepalive: int = 30
     connect_timeout: float = 5.0
     client_id: str
+    persistent_session: bool = False
+    """Keep the broker-side session (subscriptions, queued QoS 1 messages) across
+    disconnects.  Agents use clean sessions (they re-subscribe and read retained state);
+    the host service keeps one so that device messages the broker accepted while it was
+    away are delivered when it comes back."""
+    session_expiry_s: int = 3600
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -347,7 +353,7 @@ class Link:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=cfg.client_id,
-            clean_session=None if v5 else True,
+            clean_session=None if v5 else not cfg.persistent_session,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
         )
@@ -359,11 +365,19 @@ class Link:
             client.tls_set_context(_ssl_context(cfg.ca_file, cfg.cert_file, cfg.key_file))
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
+        properties = None
+        if v5 and cfg.persistent_session:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = cfg.session_expiry_s
         client.connect_async(
             cfg.host,
             cfg.port,
             cfg.keepalive,
-            clean_start=True if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_start=(not cfg.persistent_session) if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
         )
         client.enable_logger(self._log.getChild("paho"))
         client.on_connect = self._cb_connect

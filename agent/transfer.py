@@ -134,13 +134,16 @@ class Download:
     def on_chunk(self, index: int, data: bytes) -> bool:
         """Store a chunk; returns True if it was new and valid (False: duplicate/unwanted).
 
-        Raises ``DigestMismatchError`` for a chunk that fails its hash (it stays missing).
+        Raises ``DigestMismatchError`` for a chunk that fails its hash: it stays missing
+        *and requested*, so that its timeout asks the host for it again (``overdue``) and
+        the good copy, published retained over the bad one, still reaches the subscriber.
+        (Dropping it from ``requested`` left nothing to time out: the download stalled
+        without ever sending a chunk request.)
         """
         spec = self.spec
         if not 0 <= index < spec.chunks or index not in self.missing:
             return False
         if len(data) != spec.chunk_length(index):
-            self.requested.pop(index, None)
             raise DigestMismatchError(
                 f"chunk {index}: {len(data)} bytes, expected {spec.chunk_length(index)}"
             )
@@ -148,7 +151,6 @@ class Download:
             spec.chunk_hashes is not None
             and hashlib.sha256(data).hexdigest() != spec.chunk_hashes[index]
         ):
-            self.requested.pop(index, None)
             raise DigestMismatchError(f"chunk {index} of {spec.sha256[:12]} fails its hash")
         fd = os.open(self.path, os.O_WRONLY)
         try:
@@ -161,14 +163,22 @@ class Download:
         return True
 
     def finish(self) -> Path:
-        """Flush to disk and verify the whole blob; on mismatch start over."""
+        """Flush to disk and verify the whole blob; on mismatch start over.
+
+        After a mismatch the first window of chunks is marked as requested *now* without
+        being handed out by ``next_requests``: they are asked for again when they time out
+        (``overdue``: a chunk request to the host, then a new subscription).  Subscribing
+        again at once would fetch the same bad retained copy and fail again in a tight loop
+        through the broker, never asking the host for a good one.
+        """
         with open(self.path, "rb+") as f:
             os.fsync(f.fileno())
         if not self._whole_ok():
             with open(self.path, "wb") as f:
                 f.truncate(self.spec.size)
             self.missing = set(range(self.spec.chunks))
-            self.requested.clear()
+            now = self.clock()
+            self.requested = {i: now for i in sorted(self.missing)[: self.window]}
             raise DigestMismatchError(f"{self.spec.sha256[:12]}: assembled blob fails its sha256")
         return self.path
 

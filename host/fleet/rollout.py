@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from tinyfleet.agent.protocol import (
@@ -36,6 +36,7 @@ from tinyfleet.agent.protocol import (
     RolloutPhase,
     rollout_transition,
 )
+from tinyfleet.host.db.engine import writer
 from tinyfleet.host.db.tables import DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from tinyfleet.host.errors import NotFoundError, RegistryError, UsageError
 from tinyfleet.host.fleet.publish import ArtifactPublisher, DesiredPublisher
@@ -72,6 +73,12 @@ class AbortRules(BaseModel):
     min_devices: int = Field(1, ge=1, description="Devices done before the failure rule applies.")
     count_timeouts: bool = True
     max_offline_pct: float = Field(50.0, ge=0, le=100, description="Touched devices offline.")
+    offline_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="A device counts as offline only after this long (a broker restart "
+        "fires every device's last will for a moment).",
+    )
     max_p99_regression: float | None = Field(
         2.0, gt=1.0, description="New p99 latency / previous version's on the same devices."
     )
@@ -381,7 +388,9 @@ class Orchestrator:
 
     def _step_one(self, rid: str, now: datetime) -> None:
         publish: list[tuple[str, bytes]] = []
-        with Session(self.engine) as s, s.begin():
+        # writer(): SQLite's write lock is taken at BEGIN, so a step waits for the ingest
+        # instead of failing half-way on "database is locked".
+        with Session(writer(self.engine)) as s, s.begin():
             row = s.get(RolloutRow, rid, with_for_update=True)
             if row is None:
                 return
@@ -553,28 +562,26 @@ class Orchestrator:
                 return f"{len(bad)} of {len(done)} devices failed ({pct:.0f} % > {rules.max_failure_pct:g} %){detail}"
         if touched:
             ids = [d.device for d in touched]
-            offline = s.scalar(
-                select(DeviceRow.device)
-                .where(
-                    DeviceRow.fleet == row.fleet,
-                    DeviceRow.device.in_(ids),
-                    DeviceRow.online.is_(False),
+            since = now - timedelta(seconds=rules.offline_grace_s)
+            n_off = int(
+                s.scalar(
+                    select(func.count())
+                    .select_from(DeviceRow)
+                    .where(
+                        DeviceRow.fleet == row.fleet,
+                        DeviceRow.device.in_(ids),
+                        DeviceRow.online.is_(False),
+                        (DeviceRow.last_seen.is_(None)) | (DeviceRow.last_seen < since),
+                    )
                 )
-                .limit(1)
+                or 0
             )
-            if offline is not None:
-                n_off = len(
-                    s.scalars(
-                        select(DeviceRow.device).where(
-                            DeviceRow.fleet == row.fleet,
-                            DeviceRow.device.in_(ids),
-                            DeviceRow.online.is_(False),
-                        )
-                    ).all()
+            pct = 100.0 * n_off / len(touched)
+            if n_off and pct > rules.max_offline_pct:
+                return (
+                    f"{n_off} of {len(touched)} touched devices offline for over "
+                    f"{rules.offline_grace_s:g} s ({pct:.0f} % > {rules.max_offline_pct:g} %)"
                 )
-                pct = 100.0 * n_off / len(touched)
-                if pct > rules.max_offline_pct:
-                    return f"{n_off} of {len(touched)} touched devices went offline ({pct:.0f} % > {rules.max_offline_pct:g} %)"
         if rules.max_p99_regression is not None:
             ratio = self._p99_ratio(s, row, rules)
             if ratio is not None and ratio > rules.max_p99_regression:

@@ -60,7 +60,11 @@ class FleetService(BaseLinkHandler):
         # A session number that grows across restarts (milliseconds since the epoch).
         self.session = int(time.time() * 1000)
         self.link = Link(
-            BrokerConfig.from_url(settings.broker_url, client_id=f"tf-host-{self.fleet}"),
+            # A persistent session: what devices send while the service restarts is queued
+            # by the broker (QoS 1) and delivered when it is back.
+            BrokerConfig.from_url(
+                settings.broker_url, client_id=f"tf-host-{self.fleet}", persistent_session=True
+            ),
             self,
             logger=self.log.getChild("link"),
         )
@@ -127,8 +131,10 @@ class FleetService(BaseLinkHandler):
         link.set_will(Will(self.topics.host_presence(), encode(self._presence("offline")), 1, True))
 
     def on_connected(self, link: Link, session_present: bool) -> None:
-        link.publish(self.topics.host_presence(), encode(self._presence("online")), 1, True)
+        # Subscribe before announcing: agents hold telemetry until the host is online, and
+        # must not flush into a broker that has no subscription for it yet.
         link.subscribe(self.topics.host_subscriptions())
+        link.publish(self.topics.host_presence(), encode(self._presence("online")), 1, True)
         self.artifacts.reset()  # the broker may have lost retained chunks: publish again on use
         n = self.desired.republish_all()
         self.log.info("connected; republished %d desired states", n)
