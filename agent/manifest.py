@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import math
 import re
 from collections.abc import Iterator
@@ -35,6 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from tinyfleet.agent.canonical import canonical_json as _canonical_json
+from tinyfleet.agent.canonical import rfc3339
 from tinyfleet.agent.errors import (
     ConfigError,
     DigestMismatchError,
@@ -202,38 +203,12 @@ class SignedManifest(_Frozen):
 # ---------------------------------------------------------------- canonical form
 
 
-def _rfc3339(value: datetime) -> str:
-    value = value.astimezone(UTC)
-    if value.microsecond:
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ManifestError("cannot serialise a naive datetime; use a timezone-aware one")
-        return _rfc3339(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON: sorted keys, no whitespace, UTF-8, datetimes as RFC 3339 ``Z``."""
+    """Deterministic JSON (``tinyfleet.agent.canonical``); ``ManifestError`` if impossible."""
     try:
-        text = json.dumps(
-            _plain(value),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        )
-    except (TypeError, ValueError) as exc:
-        raise ManifestError(f"value cannot be written as canonical JSON: {exc}") from exc
-    return text.encode("utf-8")
+        return _canonical_json(value)
+    except ValueError as exc:
+        raise ManifestError(f"value cannot be written as canonical JSON: {exc}") from None
 
 
 def canonical_bytes(manifest: Manifest) -> bytes:
@@ -365,12 +340,12 @@ def verify_manifest(
     if when + clock_skew < manifest.created:
         raise ExpiredManifestError(
             f"{manifest.model} v{manifest.version} is not valid before "
-            f"{_rfc3339(manifest.created)} (now {_rfc3339(when)})"
+            f"{rfc3339(manifest.created)} (now {rfc3339(when)})"
         )
     if when - clock_skew >= manifest.expires:
         raise ExpiredManifestError(
-            f"{manifest.model} v{manifest.version} expired at {_rfc3339(manifest.expires)} "
-            f"(now {_rfc3339(when)})"
+            f"{manifest.model} v{manifest.version} expired at {rfc3339(manifest.expires)} "
+            f"(now {rfc3339(when)})"
         )
     if min_version is not None and manifest.version < min_version and not allow_rollback:
         raise DowngradeError(

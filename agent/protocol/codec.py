@@ -9,11 +9,12 @@ form that signatures are computed over.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from tinyfleet.agent.canonical import canonical_json as _canonical_json
+from tinyfleet.agent.canonical import rfc3339
 from tinyfleet.agent.errors import TinyfleetError
 
 if TYPE_CHECKING:
@@ -137,40 +138,12 @@ def _reason(errors: list[ErrorDetails]) -> str:
     return _clip(f"{where}: {first['msg']}{more}")
 
 
-def rfc3339(value: datetime) -> str:
-    """An aware datetime as RFC 3339 UTC with ``Z``; microseconds only when non-zero."""
-    if value.tzinfo is None:
-        raise ValueError("a naive datetime has no defined instant; use a timezone-aware one")
-    value = value.astimezone(UTC)
-    if value.microsecond:
-        return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return rfc3339(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON: sorted keys, no whitespace, UTF-8, RFC 3339 ``Z`` datetimes.
+    """Deterministic JSON (``tinyfleet.agent.canonical``, the manifests' form too).
 
-    The same rules as the manifest's canonical form.  Non-finite floats raise
-    ``ProtocolError``.
+    Non-finite floats and naive datetimes raise ``ProtocolError``.
     """
     try:
-        text = json.dumps(
-            _plain(value),
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        )
-    except (TypeError, ValueError) as exc:
+        return _canonical_json(value)
+    except ValueError as exc:
         raise ProtocolError(f"value cannot be written as canonical JSON: {exc}") from None
-    return text.encode("utf-8")
