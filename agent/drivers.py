@@ -190,12 +190,15 @@ class SelectorDriver:
                 self._wake_w.send(b"\0")
 
     def _drain_wake(self) -> None:
-        self._wake_pending = False
+        # Read first, then clear: clearing first let a wake-up sent in between be read
+        # here while the flag stayed set, so later wake-ups were never sent.  A wake-up
+        # that sees the flag still set now is safe: the loop processes the queues next.
         try:
             while self._wake_r.recv(4096):
                 pass
         except OSError:
             pass
+        self._wake_pending = False
 
     def _run(self) -> None:
         self._ident = threading.get_ident()

@@ -67,6 +67,9 @@ class FleetService(BaseLinkHandler):
             ),
             self,
             logger=self.log.getChild("link"),
+            # A wave publishes one desired state per device at once: paho's default
+            # queue bound (1,000) refused some of them in a 1,000-device wave.
+            max_queued=1_000_000,
         )
         self.driver = ThreadDriver(self.link, name=f"host-{self.fleet}")
         self.ingest = Ingest(self.registry.engine, self.fleet, logger=self.log.getChild("ingest"))
