@@ -298,6 +298,18 @@ def _as_sample(x: np.ndarray, sample_shape: tuple[int, ...], what: str) -> np.nd
 # ------------------------------------------------------------------------ TFLite
 
 
+def _as_batch(x: np.ndarray, in_shape: tuple[int, ...], what: str) -> np.ndarray:
+    """``x`` as a float32 batch ``(n, *in_shape[1:])`` (a single sample gains its batch axis)."""
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim == len(in_shape) - 1:
+        a = a[None]
+    if a.shape[1:] != in_shape[1:]:
+        raise ValueError(
+            f"{what}: input batch must have shape (n, {', '.join(map(str, in_shape[1:]))}), got {a.shape}"
+        )
+    return a
+
+
 def _tflite_spec(detail: dict[str, Any]) -> TensorSpec:
     dtype = np.dtype(detail["dtype"]).name
     scales = detail.get("quantization_parameters", {}).get("scales")
@@ -370,13 +382,7 @@ class _TfliteModel:
         return out[0] if out.shape[:1] == (1,) else out
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        a = np.asarray(x, dtype=np.float32)
-        if a.ndim == len(self._in_shape) - 1:
-            a = a[None]
-        if a.shape[1:] != self._in_shape[1:]:
-            raise ValueError(
-                f"{self._what}: input batch must have shape (n, {', '.join(map(str, self._in_shape[1:]))}), got {a.shape}"
-            )
+        a = _as_batch(x, self._in_shape, self._what)
         n = a.shape[0]
         if n == 1:
             return self._run(a)
@@ -498,13 +504,7 @@ class _OnnxModel:
         return out[0] if out.shape[:1] == (1,) else out
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        a = np.asarray(x, dtype=np.float32)
-        if a.ndim == len(self._in_shape) - 1:
-            a = a[None]
-        if a.shape[1:] != self._in_shape[1:]:
-            raise ValueError(
-                f"{self._what}: input batch must have shape (n, {', '.join(map(str, self._in_shape[1:]))}), got {a.shape}"
-            )
+        a = _as_batch(x, self._in_shape, self._what)
         a = np.ascontiguousarray(a)
         if self._dynamic_batch:
             parts = [self._run(a[s : s + _BATCH_CHUNK]) for s in range(0, a.shape[0], _BATCH_CHUNK)]
