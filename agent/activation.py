@@ -70,6 +70,7 @@ class HealthReport:
     agreement: float
     max_abs_diff: float
     latency_ms_max: float
+    latency_ms_median: float
     samples: int
 
 
@@ -80,12 +81,17 @@ def health_check(model: Any, bundle: ReferenceBundle, artifact: ManifestArtifact
         raise ActivationError("health_check", "reference bundle has no inputs")
     x = np.asarray(h.inputs, dtype=np.float32).reshape([len(h.inputs), *h.input_shape])
     outputs = []
-    worst = 0.0
+    times = []
     for row in x:
         t0 = time.perf_counter()
         out = np.asarray(model.predict(row[None, ...]), dtype=np.float32)
-        worst = max(worst, (time.perf_counter() - t0) * 1000.0)
+        times.append((time.perf_counter() - t0) * 1000.0)
         outputs.append(out.reshape(-1))
+    # The budget is checked against the median: a single prediction's wall time includes
+    # whatever preempted it (GIL waits with many agents in one process, a busy CPU), and
+    # one such outlier must not fail a healthy model.
+    worst = max(times)
+    typical = float(np.median(times))
     y = np.stack(outputs)
     n_out = (
         int(np.prod(artifact.output.shape[1:])) if len(artifact.output.shape) > 1 else y.shape[1]
@@ -96,9 +102,10 @@ def health_check(model: Any, bundle: ReferenceBundle, artifact: ManifestArtifact
         )
     if not np.all(np.isfinite(y)):
         raise ActivationError("health_check", "output contains NaN or infinity")
-    if worst > h.latency_budget_ms:
+    if typical > h.latency_budget_ms:
         raise ActivationError(
-            "health_check", f"latency {worst:.2f} ms over the budget of {h.latency_budget_ms} ms"
+            "health_check",
+            f"median latency {typical:.2f} ms over the budget of {h.latency_budget_ms} ms",
         )
     expected = h.expected.get(artifact.sha256)
     agreement, max_diff = 1.0, 0.0
@@ -112,7 +119,7 @@ def health_check(model: Any, bundle: ReferenceBundle, artifact: ManifestArtifact
                 f"outputs disagree with the reference: agreement {agreement:.0%} "
                 f"(min {h.min_agreement:.0%}), max |diff| {max_diff:.3f} (max {h.max_abs_diff})",
             )
-    return HealthReport(agreement, max_diff, worst, len(y))
+    return HealthReport(agreement, max_diff, worst, typical, len(y))
 
 
 @dataclass

@@ -667,7 +667,8 @@ class Agent(BaseLinkHandler):
                         EventKind.ROLLED_BACK if rollback else EventKind.ACTIVATED,
                         f"{result.content.label} in slot {result.content.slot}; "
                         f"health agreement {result.health.agreement:.0%}, "
-                        f"max latency {result.health.latency_ms_max:.2f} ms",
+                        f"median latency {result.health.latency_ms_median:.2f} ms"
+                        f" (max {result.health.latency_ms_max:.2f})",
                     )
                     for p in cleanup or []:
                         p.unlink(missing_ok=True)
