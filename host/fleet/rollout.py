@@ -57,6 +57,10 @@ TOUCHED = (
 )
 DONE = (DeviceRolloutStatus.SUCCEEDED, DeviceRolloutStatus.FAILED, DeviceRolloutStatus.TIMED_OUT)
 COMMANDS = ("pause", "resume", "abort", "rollback", "cancel")
+P99_CHECK_INTERVAL_S = 2.0
+"""How often the latency-regression rule reads telemetry (inference windows arrive slowly)."""
+LATENCY_WINDOWS = 20
+"""Newest inference windows per device and version that the latency rule compares."""
 _WAVE = re.compile(r"^(?:(\d+)|(\d+(?:\.\d+)?)%)$")
 
 
@@ -202,6 +206,8 @@ class Orchestrator:
         self.fleet = fleet
         self.log = logger or logging.getLogger("tinyfleet.host.rollout")
         self._versions: dict[str, VersionInfo] = {}
+        # rollout id -> (when the latency rule last read telemetry, the ratio it found)
+        self._p99_checked: dict[str, tuple[datetime, float | None]] = {}
 
     # ------------------------------------------------------------------ commands
 
@@ -498,10 +504,16 @@ class Orchestrator:
         version = self._version(row.model, row.version)
         wave = [d for d in row.devices if d.wave == row.wave]
         ids = [d.device for d in wave]
+        # only the columns the decision needs: full rows carry the reported and desired JSON
         states = {
-            d.device: d
-            for d in s.scalars(
-                select(DeviceRow).where(DeviceRow.fleet == row.fleet, DeviceRow.device.in_(ids))
+            r.device: r
+            for r in s.execute(
+                select(
+                    DeviceRow.device,
+                    DeviceRow.reported_generation,
+                    DeviceRow.active_sha256,
+                    DeviceRow.error,
+                ).where(DeviceRow.fleet == row.fleet, DeviceRow.device.in_(ids))
             )
         }
         timeout = timedelta(seconds=row.wave_timeout_s)
@@ -583,38 +595,58 @@ class Orchestrator:
                     f"{rules.offline_grace_s:g} s ({pct:.0f} % > {rules.max_offline_pct:g} %)"
                 )
         if rules.max_p99_regression is not None:
-            ratio = self._p99_ratio(s, row, rules)
+            checked = self._p99_checked.get(row.id)
+            if checked is None or (now - checked[0]).total_seconds() >= P99_CHECK_INTERVAL_S:
+                checked = (now, self._p99_ratio(s, row, rules))
+                self._p99_checked[row.id] = checked
+            ratio = checked[1]
             if ratio is not None and ratio > rules.max_p99_regression:
                 return f"p99 latency regressed {ratio:.2f}x against the previous version (limit {rules.max_p99_regression:g}x)"
         return None
 
     def _p99_ratio(self, s: Session, row: RolloutRow, rules: AbortRules) -> float | None:
-        """Median over devices of (new p99 / previous version's p99), from inference windows."""
+        """Median over devices of (new p99 / previous version's p99), from inference windows.
+
+        One query for the whole rollout: the newest ``LATENCY_WINDOWS`` inference windows
+        of each succeeded device under the new and under its previous version.
+        """
         label = f"{row.model}@{row.version}"
-        ratios = []
+        previous: dict[str, str] = {}
         for d in row.devices:
-            if d.status != DeviceRolloutStatus.SUCCEEDED.value or not d.previous:
-                continue
-            prev_label = f"{d.previous['model']}@{d.previous['version']}"
-            q = select(TelemetryRow.body).where(
-                TelemetryRow.fleet == row.fleet,
-                TelemetryRow.device == d.device,
-                TelemetryRow.kind == "inference",
+            if d.status == DeviceRolloutStatus.SUCCEEDED.value and d.previous:
+                previous[d.device] = f"{d.previous['model']}@{d.previous['version']}"
+        if not previous:
+            return None
+        newest = (
+            func.row_number()
+            .over(
+                partition_by=(TelemetryRow.device, TelemetryRow.model),
+                order_by=TelemetryRow.id.desc(),
             )
-            new = [
-                b["latency_p99_ms"]
-                for b in s.scalars(
-                    q.where(TelemetryRow.model == label).order_by(TelemetryRow.id.desc()).limit(20)
-                )
-            ]
-            old = [
-                b["latency_p99_ms"]
-                for b in s.scalars(
-                    q.where(TelemetryRow.model == prev_label)
-                    .order_by(TelemetryRow.id.desc())
-                    .limit(20)
-                )
-            ]
+            .label("newest")
+        )
+        windows = (
+            select(TelemetryRow.device, TelemetryRow.model, TelemetryRow.body, newest)
+            .where(
+                TelemetryRow.fleet == row.fleet,
+                TelemetryRow.kind == "inference",
+                TelemetryRow.device.in_(list(previous)),
+                TelemetryRow.model.in_({label, *previous.values()}),
+            )
+            .subquery()
+        )
+        p99s: dict[tuple[str, str], list[float]] = {}
+        for device, model, body in s.execute(
+            select(windows.c.device, windows.c.model, windows.c.body).where(
+                windows.c.newest <= LATENCY_WINDOWS
+            )
+        ):
+            if model == label or model == previous.get(device):
+                p99s.setdefault((device, model), []).append(float(body["latency_p99_ms"]))
+        ratios = []
+        for device, prev_label in previous.items():
+            new = p99s.get((device, label), [])
+            old = p99s.get((device, prev_label), [])
             if len(new) >= rules.min_latency_windows and len(old) >= rules.min_latency_windows:
                 base = statistics.median(old)
                 if base > 0:
