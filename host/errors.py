@@ -18,6 +18,13 @@ from tinyfleet.agent.errors import (
     SignatureError,
     TinyfleetError,
 )
+from tinyfleet.agent.fl.errors import (
+    FLDataError,
+    FLError,
+    FLTimeoutError,
+    FLTooFewNodesError,
+    FLUnsupportedModel,
+)
 from tinyfleet.agent.protocol.codec import ProtocolError
 
 __all__ = [
@@ -27,6 +34,11 @@ __all__ = [
     "DigestMismatchError",
     "DowngradeError",
     "ExpiredManifestError",
+    "FLDataError",
+    "FLError",
+    "FLTimeoutError",
+    "FLTooFewNodesError",
+    "FLUnsupportedModel",
     "GateRejectedError",
     "KeyError_",
     "ManifestError",
@@ -119,4 +131,9 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     13: ("gate-rejected", GateRejectedError.__doc__ or ""),
     14: ("protocol", ProtocolError.__doc__ or ""),
     20: ("rollout-failed", RolloutFailedError.__doc__ or ""),
+    40: ("fl-failed", FLError.__doc__ or ""),
+    41: ("fl-unsupported-model", FLUnsupportedModel.__doc__ or ""),
+    42: ("fl-data", FLDataError.__doc__ or ""),
+    43: ("fl-too-few-nodes", FLTooFewNodesError.__doc__ or ""),
+    44: ("fl-timeout", FLTimeoutError.__doc__ or ""),
 }
