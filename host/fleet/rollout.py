@@ -36,7 +36,7 @@ from tinyfleet.agent.protocol import (
     RolloutPhase,
     rollout_transition,
 )
-from tinyfleet.host.db.engine import writer
+from tinyfleet.host.db.engine import storage_errors, writer
 from tinyfleet.host.db.tables import DeviceRow, RolloutDeviceRow, RolloutRow, TelemetryRow
 from tinyfleet.host.errors import NotFoundError, RegistryError, UsageError
 from tinyfleet.host.fleet.publish import ArtifactPublisher, DesiredPublisher
@@ -222,7 +222,13 @@ class Orchestrator:
         if not report.ok:
             raise RegistryError(f"{version.ref} fails verification: {'; '.join(report.problems)}")
         sha = pick_artifact(version, spec.artifact)
-        with Session(self.engine) as s, s.begin():
+        # writer(): read-then-insert takes SQLite's write lock at BEGIN and waits for the
+        # ingest, instead of failing with "database is locked" when it commits in between.
+        with (
+            storage_errors(self.engine, "creating a rollout"),
+            Session(writer(self.engine)) as s,
+            s.begin(),
+        ):
             devices = resolve_targets(s, self.fleet, spec.targets)
             if not devices:
                 raise UsageError(
@@ -269,7 +275,11 @@ class Orchestrator:
             raise UsageError(
                 f"unknown rollout command {command!r}; use one of {', '.join(COMMANDS)}"
             )
-        with Session(self.engine) as s, s.begin():
+        with (
+            storage_errors(self.engine, f"{command} of rollout {rollout_id}"),
+            Session(writer(self.engine)) as s,
+            s.begin(),
+        ):
             row = s.get(RolloutRow, rollout_id)
             if row is None:
                 raise NotFoundError(f"no rollout {rollout_id}")
