@@ -50,6 +50,7 @@ import numpy as np
 from tinyfleet.agent.drift import ReferenceProfile
 
 __all__ = [
+    "DEFAULT_CHUNK",
     "DEFAULT_EPS",
     "DriftAccumulator",
     "js_distance",
@@ -60,6 +61,9 @@ __all__ = [
 
 DEFAULT_EPS = 1e-4
 """Additive smoothing of bin shares in ``psi`` (see the module docstring)."""
+
+DEFAULT_CHUNK = 64
+"""Feature rows ``DriftAccumulator.add`` buffers before binning them in one batch."""
 
 _SIGN32 = np.uint32(0x80000000)
 
@@ -158,13 +162,15 @@ def _round_up_f32(edges: np.ndarray) -> np.ndarray:
 class DriftAccumulator:
     """Streaming bin counts of one window; ``report()`` scores it and starts the next.
 
-    All features are binned with one ``np.searchsorted`` per inference: each
+    All features are binned with one ``np.searchsorted`` per batch of rows: each
     feature's edges are mapped to order-preserving integer keys (float32 bit
     patterns, edges rounded up to float32 so the comparison with a float32 feature
     is exact), prefixed with the feature's index, and stacked into one sorted
-    array; a feature vector is mapped the same way and searched in it, which gives
-    directly the index of its bin in one flat count array.  O(F · log B) per
-    inference, no Python loop over features.
+    array; feature vectors are mapped the same way and searched in it, which gives
+    directly the index of each value's bin in one flat count array (``np.bincount``
+    adds them up).  O(F · log B) per inference, no Python loop over features;
+    ``add`` buffers up to ``chunk`` rows (F float32 each) and bins them together,
+    which amortises numpy's per-call overhead.
 
     ``n_classes`` (default: the length of the profile's class priors) must match the
     model's outputs; ``ValueError`` otherwise, and for a profile whose priors are
@@ -172,8 +178,14 @@ class DriftAccumulator:
     """
 
     def __init__(
-        self, profile: ReferenceProfile, n_classes: int | None = None, eps: float = DEFAULT_EPS
+        self,
+        profile: ReferenceProfile,
+        n_classes: int | None = None,
+        eps: float = DEFAULT_EPS,
+        chunk: int = DEFAULT_CHUNK,
     ) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1; got {chunk}")
         if not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a positive number; got {eps!r}")
         self.profile = profile
@@ -215,11 +227,13 @@ class DriftAccumulator:
         # the reference CDF within each feature, at each bin's upper edge
         self._ref_cdf = np.concatenate([np.cumsum(p) for p in ref_props])
         self.counts = np.zeros(int(n_bins.sum()), dtype=np.int64)
-        self.class_counts = np.zeros(self.n_classes, dtype=np.int64)
+        self.class_counts = [0] * self.n_classes
         self.conf_sum = 0.0
         self.n = 0
         self.skipped = 0
         self.window = 0
+        self._buf = np.empty((chunk, self.n_features), dtype=np.float32)
+        self._pending = 0
 
     # ------------------------------------------------------------------ streaming
 
@@ -240,21 +254,34 @@ class DriftAccumulator:
 
         ``label``/``confidence`` (argmax and its probability) may be passed when the
         caller has them already.  ``ValueError`` if ``features`` does not have F values.
+        The feature row is copied into a buffer of ``chunk`` rows that is binned at once
+        when full (or when the window is scored): the per-inference cost is a row copy
+        plus 1/chunk of one batched search.
         """
         if label is None:
             label = int(np.argmax(probs))
         if confidence is None:
             confidence = float(probs[label])
-        if not (0.0 <= confidence <= 1.0) or label >= self.n_classes:  # NaN fails too
+        if not (0.0 <= confidence <= 1.0) or not (0 <= label < self.n_classes):  # NaN fails
             self.skipped += 1
             return
-        f = features.reshape(-1)
-        if f.size != self.n_features:
-            raise ValueError(f"{f.size} features; the reference profile has {self.n_features}")
-        self.counts[self.bin_index(f)] += 1  # one index per feature, all distinct
+        if features.size != self.n_features:
+            raise ValueError(
+                f"{features.size} features; the reference profile has {self.n_features}"
+            )
+        self._buf[self._pending] = features.reshape(self.n_features)
+        self._pending += 1
+        if self._pending == len(self._buf):
+            self._flush()
         self.class_counts[label] += 1
         self.conf_sum += confidence
         self.n += 1
+
+    def _flush(self) -> None:
+        if self._pending:
+            idx = self.bin_index(self._buf[: self._pending]).ravel()
+            self.counts += np.bincount(idx, minlength=self.counts.size)
+            self._pending = 0
 
     def add_batch(self, features: np.ndarray, probs: np.ndarray) -> None:
         """Count a batch: ``features`` (n, F), ``probs`` (n, C)."""
@@ -275,7 +302,8 @@ class DriftAccumulator:
         x, labels, conf = x[ok], labels[ok], conf[ok]
         idx = self.bin_index(x).ravel()
         self.counts += np.bincount(idx, minlength=self.counts.size)
-        self.class_counts += np.bincount(labels, minlength=self.n_classes)
+        for c, k in enumerate(np.bincount(labels, minlength=self.n_classes).tolist()):
+            self.class_counts[c] += k
         self.conf_sum += float(conf.sum())
         self.n += int(ok.sum())
 
@@ -286,6 +314,7 @@ class DriftAccumulator:
         n = self.n
         if n == 0:
             return None
+        self._flush()
         share = self.counts / n
         a = (share + self.eps) / (1.0 + self.n_bins[self._seg] * self.eps)
         e = self._ref_smooth
@@ -299,7 +328,7 @@ class DriftAccumulator:
             "n": n,
             "psi": [float(v) for v in psi_v],
             "ks": [float(v) for v in ks_v],
-            "js_prediction": _js(self.class_counts / n, self._priors),
+            "js_prediction": _js(np.asarray(self.class_counts, dtype=np.float64) / n, self._priors),
             "mean_confidence": mean_conf,
             "confidence_shift": min(1.0, max(-1.0, mean_conf - self.ref_mean_confidence)),
         }
@@ -319,9 +348,10 @@ class DriftAccumulator:
 
     def reset(self) -> None:
         self.counts[:] = 0
-        self.class_counts[:] = 0
+        self.class_counts = [0] * self.n_classes
         self.conf_sum = 0.0
         self.n = 0
+        self._pending = 0
 
 
 def window_scores(
