@@ -28,12 +28,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
     "VERSION_STATUSES",
+    "AlertRow",
     "AliasRow",
     "ArtifactRow",
     "Base",
     "DeviceRow",
+    "DriftCohortRow",
+    "DriftScoreRow",
     "EventRow",
     "ModelRow",
+    "RetrainDecisionRow",
     "RolloutDeviceRow",
     "RolloutRow",
     "TelemetryRow",
@@ -312,3 +316,101 @@ class RolloutDeviceRow(Base):
     error: Mapped[str | None] = mapped_column(String(1000))
 
     rollout: Mapped[RolloutRow] = relationship(back_populates="devices")
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+class DriftScoreRow(Base):
+    """A device's latest drift window: scores, rule statistics and its baseline."""
+
+    __tablename__ = "drift_scores"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    device: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(BigInteger)
+    session: Mapped[int] = mapped_column(BigInteger)
+    window: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[datetime]
+    n: Mapped[int] = mapped_column(BigInteger)
+    psi_max: Mapped[float]
+    ks_max: Mapped[float]
+    js_prediction: Mapped[float]
+    mean_confidence: Mapped[float]
+    confidence_shift: Mapped[float]
+    stats: Mapped[dict[str, Any]]
+    baseline: Mapped[dict[str, Any] | None]
+    windows: Mapped[int] = mapped_column(BigInteger)
+    tags: Mapped[list[Any]]
+    updated_at: Mapped[datetime]
+
+
+class DriftCohortRow(Base):
+    """Aggregate of a cohort's latest windows: ``tag`` × model@version, or ``*`` × model@version."""
+
+    __tablename__ = "drift_cohorts"
+
+    fleet: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cohort: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(BigInteger)
+    devices: Mapped[int]
+    alerting: Mapped[int]
+    mean_psi_max: Mapped[float]
+    max_psi_max: Mapped[float]
+    mean_ks_max: Mapped[float]
+    mean_js_prediction: Mapped[float]
+    mean_confidence_shift: Mapped[float]
+    updated_at: Mapped[datetime]
+
+
+class AlertRow(Base):
+    """A drift alert of one device (or, with ``device`` NULL, of a cohort) under one rule.
+
+    ``open_key`` is ``device|rule`` (``@cohort|rule`` for cohort alerts) while the alert
+    is open and NULL once cleared: the unique constraint keeps one open alert per
+    device and rule.
+    """
+
+    __tablename__ = "alerts"
+    __table_args__ = (
+        UniqueConstraint("fleet", "open_key"),
+        CheckConstraint("state IN ('open', 'cleared')", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    fleet: Mapped[str] = mapped_column(String(64))
+    device: Mapped[str | None] = mapped_column(String(64), index=True)
+    rule: Mapped[str] = mapped_column(String(32))
+    cohort: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    open_key: Mapped[str | None] = mapped_column(String(300))
+    opened_at: Mapped[datetime]
+    cleared_at: Mapped[datetime | None]
+    last_value: Mapped[float]
+    windows: Mapped[int] = mapped_column(BigInteger)
+    reason: Mapped[str | None] = mapped_column(String(300))
+
+
+class RetrainDecisionRow(Base):
+    """One decision of the retrain policy about a cohort (triggered, cooldown, too few…)."""
+
+    __tablename__ = "retrain_decisions"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    fleet: Mapped[str] = mapped_column(String(64))
+    cohort: Mapped[str] = mapped_column(String(200), index=True)
+    decision: Mapped[str] = mapped_column(String(32))
+    devices: Mapped[list[Any]]
+    cohort_size: Mapped[int]
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(String(1000))
+    decided_at: Mapped[datetime]
