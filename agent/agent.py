@@ -48,6 +48,7 @@ from tinyfleet.agent.activation import (
 from tinyfleet.agent.config import AgentConfig
 from tinyfleet.agent.errors import ManifestError, SignatureError, TinyfleetError
 from tinyfleet.agent.faults import crash_point
+from tinyfleet.agent.fl.supervisor import SuperNodeSupervisor
 from tinyfleet.agent.link import BaseLinkHandler, BrokerConfig, Link, Will
 from tinyfleet.agent.manifest import ManifestArtifact, SignedManifest, verify_manifest
 from tinyfleet.agent.profiles import DeviceProfile, get_profile
@@ -75,6 +76,7 @@ from tinyfleet.agent.protocol import (
     encode,
     verify_desired,
 )
+from tinyfleet.agent.protocol.messages import PROTOCOL_REVISION_FL
 from tinyfleet.agent.protocol.topics import TopicKind
 from tinyfleet.agent.runtime import available_runtimes, load_model
 from tinyfleet.agent.spool import Spool
@@ -213,6 +215,11 @@ class Agent(BaseLinkHandler):
         self._event_seq = int(self._persisted.get("event_seq", 0))
         self.store = ModelStore(state / "models")
         self.spool = Spool(state / "telemetry.db", max_records=config.telemetry.spool_max_records)
+        # Federated retraining: a SuperNode driven by the desired state's ``fl``, supervised
+        # from tick() (agent/fl/supervisor.py).
+        self.fl = SuperNodeSupervisor(
+            state_dir=state, profile=self.profile, logger=self.log.getChild("fl")
+        )
         self.started = clock()
         self.phase = AgentPhase.IDLE
         self.serving: Serving | None = None
@@ -416,6 +423,7 @@ class Agent(BaseLinkHandler):
             )
         if kind == "duplicate":
             self.desired = self.desired or desired
+            self.fl.configure(desired.fl)
             self._reported_dirty = True
             if self.job is None and not self._busy and self._failed is None:
                 self._converge()
@@ -427,6 +435,7 @@ class Agent(BaseLinkHandler):
         if desired.telemetry is not None:
             self.heartbeat_s = float(desired.telemetry.heartbeat_s)
             self.window = desired.telemetry.window
+        self.fl.configure(desired.fl)
         self._save_state()
         self._converge()
 
@@ -762,7 +771,9 @@ class Agent(BaseLinkHandler):
             agent_version=AGENT_VERSION,
             profile=self.profile.name,
             capabilities=Capabilities(
-                runtimes=available_runtimes(), ram_bytes=self.profile.ram_bytes
+                runtimes=available_runtimes(),
+                ram_bytes=self.profile.ram_bytes,
+                protocol_revision=PROTOCOL_REVISION_FL,
             ),
             tags=self.config.device.tags,
             groups=self.config.device.groups,
@@ -812,6 +823,7 @@ class Agent(BaseLinkHandler):
                 error=self.error,
                 rejected_messages=self.rejected,
                 progress=progress,
+                fl=self.fl.status(),
             )
 
     def _publish_reported(self) -> None:
@@ -940,7 +952,8 @@ class Agent(BaseLinkHandler):
     # ------------------------------------------------------------------ timers
 
     def tick(self) -> None:
-        """Timers: heartbeat, chunk timeouts, telemetry flush, deferred reports."""
+        """Timers: heartbeat, chunk timeouts, telemetry flush, deferred reports, the SuperNode."""
+        self._supervise_fl()
         with self._locked():
             now = self.clock()
             if now >= self._next_heartbeat:
@@ -973,6 +986,16 @@ class Agent(BaseLinkHandler):
             if self._reported_dirty:
                 self._publish_reported()
 
+    def _supervise_fl(self) -> None:
+        """Start, restart or stop the SuperNode (outside the agent's lock: it runs processes)."""
+        before = self.fl.status()
+        events = self.fl.poll()
+        if events or self.fl.status() != before:
+            with self._locked():
+                for kind, detail in events:
+                    self._event(kind, detail)
+                self._reported_dirty = True
+
     def _heartbeat(self) -> dict[str, Any]:
         s = self.serving
         lat = None
@@ -996,6 +1019,7 @@ class Agent(BaseLinkHandler):
 
     def close(self, timeout: float = 5.0) -> None:
         """Say goodbye (offline presence), disconnect cleanly, release resources."""
+        self.fl.close()  # the SuperNode goes with the agent
         with self._locked():
             if self.link.connected:
                 self._send(

@@ -34,8 +34,11 @@ __all__ = [
     "DigestMismatchError",
     "DowngradeError",
     "ExpiredManifestError",
+    "FLCohortError",
     "FLDataError",
     "FLError",
+    "FLParentError",
+    "FLRunFailedError",
     "FLTimeoutError",
     "FLTooFewNodesError",
     "FLUnsupportedModel",
@@ -110,6 +113,24 @@ class RolloutFailedError(TinyfleetError):
     exit_code = 20
 
 
+class FLCohortError(TinyfleetError):
+    """A federated run's cohort has too few eligible devices (the message says why each is out)."""
+
+    exit_code = 45
+
+
+class FLRunFailedError(TinyfleetError):
+    """A followed federated run ended failed (the reason names the step)."""
+
+    exit_code = 46
+
+
+class FLParentError(TinyfleetError):
+    """A federated run cannot start from its parent version (float model or data gone)."""
+
+    exit_code = 47
+
+
 # Exit code -> (name, help).  0 is success; 1 is an unexpected internal error.
 EXIT_CODES: dict[int, tuple[str, str]] = {
     0: ("ok", "The command succeeded."),
@@ -136,4 +157,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     42: ("fl-data", FLDataError.__doc__ or ""),
     43: ("fl-too-few-nodes", FLTooFewNodesError.__doc__ or ""),
     44: ("fl-timeout", FLTimeoutError.__doc__ or ""),
+    45: ("fl-cohort", FLCohortError.__doc__ or ""),
+    46: ("fl-run-failed", FLRunFailedError.__doc__ or ""),
+    47: ("fl-parent", FLParentError.__doc__ or ""),
 }

@@ -50,6 +50,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_RECORDS",
     "MESSAGE_TYPES",
+    "PROTOCOL_REVISION_FL",
     "ActiveModel",
     "Capabilities",
     "ChunkRequest",
@@ -61,6 +62,8 @@ __all__ = [
     "ErrorCode",
     "EventKind",
     "FLSettings",
+    "FLState",
+    "FLStatus",
     "Heartbeat",
     "HostEvent",
     "HostPresence",
@@ -224,12 +227,38 @@ class TelemetrySettings(_Part):
     )
 
 
+PROTOCOL_REVISION_FL = 2
+"""Revision of protocol v1 that added ``FLSettings.run/min_samples/root_certificates``,
+``ReportedState.fl`` and the ``fl_*`` device events (docs/protocol.md §11.2)."""
+
+Pem = Annotated[
+    str,
+    StringConstraints(
+        max_length=16384,
+        pattern=r"^-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s-]+-----END CERTIFICATE-----\s*$",
+    ),
+]
+
+
 class FLSettings(_Part):
-    """Federated retraining participation (reserved)."""
+    """Federated retraining participation: run a Flower SuperNode against ``superlink``."""
 
     enabled: bool = False
     superlink: HostPort | None = Field(
         default=None, description="host:port of the Flower SuperLink."
+    )
+    run: Id | None = Field(
+        default=None, description="The host's federated run this participation is for (rev 2)."
+    )
+    min_samples: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Labelled samples the device needs to take part (rev 2).",
+    )
+    root_certificates: Pem | None = Field(
+        default=None,
+        description="PEM root certificate(s) of the SuperLink's TLS; absent: insecure (rev 2).",
     )
 
     @model_validator(mode="after")
@@ -413,6 +442,30 @@ class DownloadProgress(_Part):
         return self
 
 
+class FLState(StrEnum):
+    """Where the device's federated-retraining participation is."""
+
+    DISABLED = "disabled"
+    STARTING = "starting"
+    RUNNING = "running"
+    BACKOFF = "backoff"
+    REFUSED = "refused"
+
+
+class FLStatus(_Part):
+    """The device's SuperNode as its supervisor sees it (rev 2)."""
+
+    state: FLState
+    reason: Text500 | None = Field(
+        default=None, description="Why it is refused or restarting; absent otherwise."
+    )
+    run: Id | None = Field(default=None, description="The run named by the desired state.")
+    samples: Count | None = Field(
+        default=None, description="Labelled samples in the device's buffer (absent: unknown)."
+    )
+    restarts: Count = Field(default=0, description="Times the SuperNode was restarted.")
+
+
 class ReportedState(Message):
     """What a device actually runs; retained on ``dev/<device>/reported``."""
 
@@ -428,6 +481,9 @@ class ReportedState(Message):
     error: ReportedError | None = None
     rejected_messages: Count = 0
     progress: DownloadProgress | None = None
+    fl: FLStatus | None = Field(
+        default=None, description="Federated-retraining participation (rev 2); absent: none."
+    )
 
 
 # ---------------------------------------------------------------- telemetry
@@ -541,6 +597,10 @@ class EventKind(StrEnum):
     NO_FIT = "no_fit"
     DOWNLOAD_FAILED = "download_failed"
     CHUNK_REQUESTED = "chunk_requested"
+    FL_STARTED = "fl_started"
+    FL_STOPPED = "fl_stopped"
+    FL_EXITED = "fl_exited"
+    FL_REFUSED = "fl_refused"
 
 
 class DeviceEvent(Message):

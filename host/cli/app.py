@@ -90,7 +90,7 @@ def parse_sets(values: list[str] | None) -> dict[str, Any]:
 
 
 # Command modules register themselves on the apps above.
-from tinyfleet.host.cli import cmd_fleet, cmd_models, cmd_pipeline  # noqa: E402,F401
+from tinyfleet.host.cli import cmd_fl, cmd_fleet, cmd_models, cmd_pipeline  # noqa: E402,F401
 
 
 @app.command("exit-codes")

@@ -36,6 +36,7 @@ __all__ = [
     "DriftCohortRow",
     "DriftScoreRow",
     "EventRow",
+    "FLRunRow",
     "ModelRow",
     "RetrainDecisionRow",
     "RolloutDeviceRow",
@@ -414,3 +415,40 @@ class RetrainDecisionRow(Base):
     run_id: Mapped[str | None] = mapped_column(String(64))
     detail: Mapped[str | None] = mapped_column(String(1000))
     decided_at: Mapped[datetime]
+
+
+# ----------------------------------------------------------------------------- federated runs
+
+
+class FLRunRow(Base):
+    """A federated retraining run: cohort, settings, progress and outcome.
+
+    ``state`` follows requested → enabling → training → evaluating → registered /
+    rejected / failed (``tinyfleet.host.fl.coordinator``); ``devices`` are the eligible
+    devices chosen when the run was requested, ``excluded`` those left out and why.
+    """
+
+    __tablename__ = "fl_runs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    fleet: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    model: Mapped[str] = mapped_column(String(64))
+    parent_version: Mapped[int]
+    cohort: Mapped[list[Any]]
+    devices: Mapped[list[Any]]
+    excluded: Mapped[dict[str, Any]]
+    config: Mapped[dict[str, Any]]
+    auto_rollout: Mapped[bool] = mapped_column(default=False)
+    trigger: Mapped[str] = mapped_column(String(32))
+    superlink: Mapped[str | None] = mapped_column(String(300))
+    flower_run_id: Mapped[str | None] = mapped_column(String(64))
+    result: Mapped[dict[str, Any] | None]
+    new_version: Mapped[int | None]
+    rollout_id: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str | None] = mapped_column(String(1000))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

@@ -32,6 +32,7 @@ from tinyfleet.agent.protocol import (
     ChunkRequest,
     DesiredModel,
     DesiredState,
+    FLSettings,
     SignedDesiredState,
     TelemetrySettings,
     Topics,
@@ -44,6 +45,22 @@ from tinyfleet.host.registry import VersionInfo
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class _Keep:
+    """``fl=KEEP``: a new desired state keeps the federated setting of the stored one."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = _Keep()
+
+
+def stored_fl(row: DeviceRow) -> FLSettings | None:
+    """The ``fl`` of the device's stored desired state (None: absent)."""
+    fl = ((row.desired or {}).get("desired") or {}).get("fl")
+    return None if fl is None else FLSettings.model_validate(fl)
 
 
 def device_row(s: Session, fleet: str, device: str) -> DeviceRow:
@@ -87,9 +104,17 @@ class DesiredPublisher:
         rollout_id: str | None = None,
         rollback: bool = False,
         telemetry: TelemetrySettings | None = None,
+        fl: FLSettings | _Keep | None = KEEP,
     ) -> tuple[int, bytes]:
-        """Record a new desired state for ``device`` in session ``s``; publish after commit."""
+        """Record a new desired state for ``device`` in session ``s``; publish after commit.
+
+        ``fl`` defaults to keeping the stored desired state's federated setting, so a
+        rollout (or its rollback) never starts or stops a device's SuperNode: a model
+        change does not take a node out of a federated run (the run trains the weights
+        the server sends, not the model the device serves).
+        """
         row = device_row(s, self.fleet, device)
+        fl_value = stored_fl(row) if isinstance(fl, _Keep) else fl
         generation = max(row.desired_generation, row.reported_generation) + 1
         model = None
         if version is not None:
@@ -109,7 +134,31 @@ class DesiredPublisher:
             model=model,
             rollout_id=rollout_id,
             telemetry=telemetry,
+            fl=fl_value,
         )
+        signed = self.signer.sign_desired(desired)
+        row.desired = signed.model_dump(mode="json")
+        row.desired_generation = generation
+        row.updated_at = utcnow()
+        return generation, encode(signed)
+
+    def set_fl(self, s: Session, device: str, fl: FLSettings | None) -> tuple[int, bytes]:
+        """A new generation of the device's desired state with ``fl`` set (None: cleared).
+
+        The model, artifact, rollback flag and telemetry settings of the stored desired
+        state are kept (re-signed under the new generation); ``rollout_id`` is left out,
+        since no rollout produced this generation.  ``ValueError`` if the host has never
+        sent the device a desired state (a new one would have to name its model).
+        """
+        row = device_row(s, self.fleet, device)
+        if row.desired is None:
+            raise ValueError(f"{device} has no desired state from this host yet")
+        current = SignedDesiredState.model_validate(row.desired).desired
+        generation = max(row.desired_generation, row.reported_generation) + 1
+        desired = current.model_copy(
+            update={"generation": generation, "issued_at": utcnow(), "rollout_id": None, "fl": fl}
+        )
+        desired = DesiredState.model_validate(desired.model_dump(mode="json", by_alias=True))
         signed = self.signer.sign_desired(desired)
         row.desired = signed.model_dump(mode="json")
         row.desired_generation = generation

@@ -87,6 +87,17 @@ class FleetService(BaseLinkHandler):
             self.fleet,
             logger=self.log.getChild("rollout"),
         )
+        # Federated runs: requested through the database, executed on their own thread.
+        from tinyfleet.host.fl.coordinator import FLCoordinator
+
+        self.fl = FLCoordinator(
+            settings,
+            self.registry,
+            desired=self.desired,
+            orchestrator=self.orchestrator,
+            logger=self.log.getChild("fl"),
+            connected=lambda: self.link.connected,
+        )
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.connected = threading.Event()
@@ -98,9 +109,11 @@ class FleetService(BaseLinkHandler):
         self.driver.start()
         self._loop = threading.Thread(target=self._run, name="fleet-loop", daemon=True)
         self._loop.start()
+        self.fl.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
+        self.fl.stop(timeout)
         if self._loop is not None:
             self._loop.join(timeout)
         if self.link.connected:
