@@ -23,15 +23,27 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
 import numpy as np
 
 from tinyfleet.agent.errors import ModelFileError, RuntimeUnavailableError
+from tinyfleet.agent.profiles import DeviceProfile
 from tinyfleet.agent.runtime import TensorSpec, dequantize, quantize
 
-__all__ = ["MicroModel", "arena_allocates", "count_macs", "min_arena_bytes", "tflm_version"]
+__all__ = [
+    "MicroModel",
+    "arena_allocates",
+    "count_macs",
+    "mcu_loader",
+    "min_arena_bytes",
+    "tflm_version",
+]
 
 _INSTALL_HINT = (
     "TensorFlow Lite Micro is not installed: pip install tflite-micro (x86_64 Linux wheels only)"
@@ -282,6 +294,25 @@ class MicroModel:
             raise ModelFileError(f"TFLite Micro cannot load the model: {exc}") from None
         self._in_dtype = np.dtype(self.input_spec.dtype)
 
+    @property
+    def format(self) -> str:
+        return "tflite"
+
+    @property
+    def runtime(self) -> str:
+        return f"tflite-micro {tflm_version()}"
+
+    def time_invoke(self, x_one: np.ndarray, runs: int) -> list[int]:
+        """Nanoseconds of ``runs`` TFLM invocations on one prepared sample (host time, x86)."""
+        a = np.asarray(x_one, np.float32).reshape(self.input_spec.shape)
+        self.set_input(quantize(a, self.input_spec))
+        out = []
+        for _ in range(runs):
+            t0 = time.perf_counter_ns()
+            self.invoke()
+            out.append(time.perf_counter_ns() - t0)
+        return out
+
     def set_input(self, x: np.ndarray) -> None:
         """Copy an already-quantized input (the input tensor's dtype and shape)."""
         self._it.set_input(np.ascontiguousarray(x, self._in_dtype), 0)
@@ -315,6 +346,61 @@ class MicroModel:
 
     def close(self) -> None:
         self._it = None
+
+
+# ------------------------------------------------------------ MCU devices
+
+_search_locks: dict[str, threading.Lock] = {}
+_search_guard = threading.Lock()
+
+
+def _measured_arena(model_bytes: bytes) -> int:
+    """``min_arena_bytes`` once per model and process, even with several loaders at once."""
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    with _search_guard:
+        lock = _search_locks.setdefault(digest, threading.Lock())
+    with lock:
+        known = _verified.get((digest, _STEP))
+        return known if known is not None else min_arena_bytes(model_bytes)
+
+
+def mcu_loader(profile: DeviceProfile) -> Callable[..., MicroModel]:
+    """A model loader for an agent on an MCU-class device of ``profile``.
+
+    The model runs under TensorFlow Lite Micro with the smallest arena it allocates
+    with, measured here (not taken from the manifest): if that arena plus the
+    profile's RAM reserve exceeds its RAM, or model plus runtime code its flash, the
+    load fails with both figures in the message (the agent reports it and keeps its
+    previous model).  Latency is this host's TFLM time, not the MCU's: the profile's
+    estimate (``check_fit``) is the figure for the device.
+    """
+
+    def load(source: Path | bytes | str, fmt: str | None = None) -> MicroModel:
+        if fmt not in (None, "tflite"):
+            raise ModelFileError(f"{profile.name} runs TFLite models under TFLite Micro, not {fmt}")
+        if isinstance(source, bytes | bytearray):
+            data = bytes(source)
+        else:
+            try:
+                data = Path(source).read_bytes()
+            except OSError as exc:
+                raise ModelFileError(f"cannot read {source}: {exc.strerror}") from None
+        flash = len(data) + profile.runtime_flash_bytes
+        if flash > profile.flash_bytes:
+            raise ModelFileError(
+                f"{profile.name}: model {len(data):,} B + runtime {profile.runtime_flash_bytes:,} B"
+                f" = {flash:,} B exceeds flash {profile.flash_bytes:,} B"
+            )
+        arena = _measured_arena(data)
+        need = arena + profile.ram_reserve_bytes
+        if need > profile.ram_bytes:
+            raise ModelFileError(
+                f"{profile.name}: measured arena {arena:,} B + reserve "
+                f"{profile.ram_reserve_bytes:,} B = {need:,} B exceeds RAM {profile.ram_bytes:,} B"
+            )
+        return MicroModel(data, arena)
+
+    return load
 
 
 # ---------------------------------------------------------------------- MACs

@@ -26,6 +26,7 @@ from tinyfleet.agent.fl.errors import (
     FLUnsupportedModel,
 )
 from tinyfleet.agent.protocol.codec import ProtocolError
+from tinyfleet.sim.errors import FleetSizeError, ScenarioError, SimControlError, SimStateError
 
 __all__ = [
     "EXIT_CODES",
@@ -160,4 +161,8 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     45: ("fl-cohort", FLCohortError.__doc__ or ""),
     46: ("fl-run-failed", FLRunFailedError.__doc__ or ""),
     47: ("fl-parent", FLParentError.__doc__ or ""),
+    50: ("scenario", ScenarioError.__doc__ or ""),
+    51: ("fleet-size", FleetSizeError.__doc__ or ""),
+    52: ("sim-state", SimStateError.__doc__ or ""),
+    53: ("sim-control", SimControlError.__doc__ or ""),
 }

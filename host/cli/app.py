@@ -90,7 +90,13 @@ def parse_sets(values: list[str] | None) -> dict[str, Any]:
 
 
 # Command modules register themselves on the apps above.
-from tinyfleet.host.cli import cmd_fl, cmd_fleet, cmd_models, cmd_pipeline  # noqa: E402,F401
+from tinyfleet.host.cli import (  # noqa: E402,F401
+    cmd_fl,
+    cmd_fleet,
+    cmd_models,
+    cmd_pipeline,
+    cmd_sim,
+)
 
 
 @app.command("exit-codes")
