@@ -79,7 +79,8 @@ def count_labelled(path: Path) -> int | None:
     except ImportError:
         return None
     try:
-        buf: Any = LabelBuffer(path)
+        opener = getattr(LabelBuffer, "open_readonly", None)
+        buf: Any = opener(path) if callable(opener) else LabelBuffer(path)
         try:
             for name in ("count", "__len__"):
                 fn = getattr(buf, name, None)

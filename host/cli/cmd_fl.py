@@ -58,7 +58,7 @@ def fl_run(
     ] = 30.0,
     fraction_fit: Annotated[float, typer.Option(help="Share of nodes sampled per round.")] = 1.0,
     local_epochs: Annotated[int, typer.Option(help="Epochs each device trains per round.")] = 1,
-    learning_rate: Annotated[float, typer.Option(help="Devices' learning rate.")] = 0.001,
+    learning_rate: Annotated[float, typer.Option(help="Devices' learning rate.")] = 0.003,
     proximal_mu: Annotated[float, typer.Option(help="FedProx proximal term.")] = 0.0,
     min_samples: Annotated[
         int, typer.Option(help="Labelled samples a device needs to take part.")

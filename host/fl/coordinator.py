@@ -54,7 +54,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -128,7 +135,7 @@ class FLRequest(BaseModel):
     round_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(0.001, gt=0.0, le=1.0)
+    learning_rate: float = Field(0.003, gt=0.0, le=1.0)
     proximal_mu: float = Field(0.0, ge=0.0, le=100.0)
     min_samples: int = Field(DEFAULT_MIN_SAMPLES, ge=1, le=10_000_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -140,6 +147,12 @@ class FLRequest(BaseModel):
     enable_timeout_s: float = Field(
         60.0, gt=0.0, le=3600.0, description="How long devices may take to start a SuperNode."
     )
+
+    @model_validator(mode="after")
+    def _strategy_needs(self) -> FLRequest:
+        if self.strategy == "fedprox" and self.proximal_mu == 0.0:
+            raise ValueError("strategy fedprox needs a proximal term: set proximal_mu > 0")
+        return self
 
     @field_validator("cohort")
     @classmethod
