@@ -12,6 +12,7 @@ State kept on disk under ``state_dir``::
     agent.json        session counter, last processed generation, last failure
     models/           the A/B model store (store.py) and downloads in progress
     telemetry.db      the telemetry spool (spool.py)
+    labels.db         labelled samples for federated retraining (labels.py; opened on first use)
 
 Every message from the broker is parsed and validated before it is acted on; a
 bad one is logged, counted, reported (``message_rejected`` event and the
@@ -46,9 +47,11 @@ from tinyfleet.agent.activation import (
     reason_code,
 )
 from tinyfleet.agent.config import AgentConfig
+from tinyfleet.agent.drift_stats import DriftAccumulator
 from tinyfleet.agent.errors import ManifestError, SignatureError, TinyfleetError
 from tinyfleet.agent.faults import crash_point
 from tinyfleet.agent.fl.supervisor import SuperNodeSupervisor
+from tinyfleet.agent.labels import LabelBuffer, LabelError, check_label
 from tinyfleet.agent.link import BaseLinkHandler, BrokerConfig, Link, Will
 from tinyfleet.agent.manifest import ManifestArtifact, SignedManifest, verify_manifest
 from tinyfleet.agent.profiles import DeviceProfile, get_profile
@@ -76,7 +79,7 @@ from tinyfleet.agent.protocol import (
     encode,
     verify_desired,
 )
-from tinyfleet.agent.protocol.messages import PROTOCOL_REVISION_FL
+from tinyfleet.agent.protocol.messages import PROTOCOL_REVISION_FL, DriftReport
 from tinyfleet.agent.protocol.topics import TopicKind
 from tinyfleet.agent.runtime import available_runtimes, load_model
 from tinyfleet.agent.spool import Spool
@@ -89,6 +92,12 @@ DOWNLOAD_MAX_RETRIES = 6
 FLUSH_BATCH = 100
 HOST_PRESENCE_WAIT_S = 2.0
 """After connecting, how long telemetry waits for the retained host presence (see _host_ready)."""
+MAX_DRIFT_FEATURES = 128
+"""Drift statistics are kept for models with at most this many input features: a
+``drift`` record carries two scores per feature and a telemetry batch of ``FLUSH_BATCH``
+records must stay under the protocol's message size."""
+DRIFT_DIGITS = 4
+"""Decimals of the per-feature scores in a ``drift`` record."""
 
 
 def _utcnow() -> datetime:
@@ -163,6 +172,17 @@ class Serving:
     preprocess: Callable[[np.ndarray], np.ndarray]
     stats: WindowStats
     since: datetime
+    n_classes: int = 1
+    n_inputs: int = 0
+    """Values in one model input (the features of one sample)."""
+    drift: DriftAccumulator | None = None
+    """Drift statistics against the version's reference profile (None: disabled)."""
+    drift_window: int = 200
+    drift_window_s: float | None = None
+    drift_min_samples: int = 1
+    drift_started: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards the window counters: ``infer`` may be called from several threads."""
 
     @property
     def label(self) -> str:
@@ -215,6 +235,9 @@ class Agent(BaseLinkHandler):
         self._event_seq = int(self._persisted.get("event_seq", 0))
         self.store = ModelStore(state / "models")
         self.spool = Spool(state / "telemetry.db", max_records=config.telemetry.spool_max_records)
+        self._labels: LabelBuffer | None = None  # opened on the first labelled sample
+        self._labels_lock = threading.Lock()
+        self._deferred_events: deque[tuple[EventKind, str]] = deque(maxlen=16)
         # Federated retraining: a SuperNode driven by the desired state's ``fl``, supervised
         # from tick() (agent/fl/supervisor.py).
         self.fl = SuperNodeSupervisor(
@@ -335,6 +358,8 @@ class Agent(BaseLinkHandler):
                 self.topics.presence(self.device), encode(self._presence("online")), retain=True
             )
             self._sub(self.topics.device_subscriptions(self.device))
+            while self._deferred_events:  # e.g. drift disabled for the model recovered at start
+                self._event(*self._deferred_events.popleft())
             if self.job is not None:  # resume a download: ask again for what is missing
                 for d in self.job.downloads:
                     d.requested.clear()
@@ -699,12 +724,52 @@ class Agent(BaseLinkHandler):
         n_classes = int(np.prod(activated.content.artifact.output.shape[1:])) or len(
             manifest.classes
         )
+        drift_cfg = self.config.drift
         self.serving = Serving(
             activated=activated,
             preprocess=features.get_pipeline(manifest.preprocess),
             stats=WindowStats(self.window, max(1, n_classes)),
             since=_utcnow(),
+            n_classes=max(1, n_classes),
+            n_inputs=int(np.prod(activated.content.artifact.input.shape[1:])),
+            drift=self._drift_for(activated, max(1, n_classes)),
+            drift_window=drift_cfg.window or self.window,
+            drift_window_s=drift_cfg.window_s,
+            drift_min_samples=drift_cfg.min_samples,
+            drift_started=time.monotonic(),
         )
+
+    def _drift_for(self, activated: Activated, n_classes: int) -> DriftAccumulator | None:
+        """The drift accumulator of a version, or None (disabled, or the profile does not fit)."""
+        if not self.config.drift.enabled:
+            return None
+        content = activated.content
+        profile = activated.bundle.profile
+        n_inputs = int(np.prod(content.artifact.input.shape[1:]))
+        problem = None
+        if n_inputs != len(profile.features):
+            problem = (
+                f"the model takes {n_inputs} input features, its reference profile "
+                f"has {len(profile.features)}"
+            )
+        elif n_inputs > MAX_DRIFT_FEATURES:
+            problem = f"{n_inputs} input features; drift statistics stop at {MAX_DRIFT_FEATURES}"
+        else:
+            try:
+                return DriftAccumulator(profile, n_classes=n_classes, eps=self.config.drift.eps)
+            except ValueError as exc:
+                problem = str(exc)
+        self._drift_disabled(content.label, problem)
+        return None
+
+    def _drift_disabled(self, label: str, problem: str) -> None:
+        """One warning and one event; inference goes on without drift statistics."""
+        detail = f"drift statistics disabled for {label}: {problem}"
+        self.log.warning("%s", detail)
+        if self.link.connected:
+            self._event(EventKind.DRIFT_DISABLED, detail)
+        else:
+            self._deferred_events.append((EventKind.DRIFT_DISABLED, detail))
 
     def _close_serving(self) -> None:
         if self.serving is not None:
@@ -743,22 +808,114 @@ class Agent(BaseLinkHandler):
 
     # ------------------------------------------------------------------ inference
 
-    def infer(self, raw: np.ndarray) -> Prediction:
-        """Run the serving model on one raw input (before the version's feature pipeline)."""
+    def infer(self, raw: np.ndarray, label: int | None = None) -> Prediction:
+        """Run the serving model on one raw input (before the version's feature pipeline).
+
+        Counts the inference in the telemetry window and in the drift statistics.  With
+        ``label`` (the true class, when the application knows it) the features just
+        computed are also stored in the label buffer (``LabelError`` if the label is not
+        a class of the model, checked before anything runs).
+        """
         serving = self.serving
         if serving is None:
             raise NoModelError("no model is in service yet")
+        if label is not None:
+            label = check_label(label, serving.n_classes)
         t0 = time.perf_counter()
         x = serving.preprocess(np.asarray(raw, dtype=np.float32)[None, ...])
         probs = serving.activated.model.invoke_one(x[0])
         latency = (time.perf_counter() - t0) * 1000.0
-        label = int(np.argmax(probs))
-        confidence = float(probs[label])
-        if serving.stats.add(label, confidence, latency):
-            record = serving.stats.take()
-            record["model"] = serving.label
-            self.spool.append(self.session, "inference", json.dumps(record).encode())
-        return Prediction(label, confidence, probs, serving.label, latency)
+        top = int(np.argmax(probs))
+        confidence = float(probs[top])
+        with serving.lock:
+            if serving.stats.add(top, confidence, latency):
+                record = serving.stats.take()
+                record["model"] = serving.label
+                self.spool.append(self.session or 1, "inference", json.dumps(record).encode())
+            drift = serving.drift
+            if drift is not None:
+                try:
+                    drift.add(x[0], probs, label=top, confidence=confidence)
+                except ValueError as exc:  # features that do not fit the profile after all
+                    serving.drift = None
+                    self._drift_disabled(serving.label, str(exc))
+                else:
+                    if drift.n >= serving.drift_window or (
+                        serving.drift_window_s is not None
+                        and drift.n >= serving.drift_min_samples
+                        and time.monotonic() - serving.drift_started >= serving.drift_window_s
+                    ):
+                        self._spool_drift(serving, drift)
+        if label is not None:
+            self._store_label(serving, x[0], label)
+        return Prediction(top, confidence, probs, serving.label, latency)
+
+    def _spool_drift(self, serving: Serving, drift: DriftAccumulator) -> None:
+        """Close the drift window: spool its scores as a ``drift`` record (no raw data)."""
+        serving.drift_started = time.monotonic()
+        scores = drift.report()
+        if scores is None:
+            return
+        manifest = serving.activated.content.manifest
+        record = {
+            "kind": "drift",
+            "ts": _utcnow().isoformat(),
+            "model": manifest.model,
+            "version": manifest.version,
+            "window": scores["window"],
+            "n": scores["n"],
+            "psi": [round(v, DRIFT_DIGITS) for v in scores["psi"]],
+            "ks": [round(v, DRIFT_DIGITS) for v in scores["ks"]],
+            "js_prediction": round(scores["js_prediction"], 6),
+            "mean_confidence": round(scores["mean_confidence"], 6),
+            "confidence_shift": round(scores["confidence_shift"], 6),
+        }
+        session = self.session or 1
+        try:
+            DriftReport.model_validate({**record, "session": session, "seq": 0})
+        except ValueError as exc:  # never expected: the scores are bounded by construction
+            self.log.error("drift window %s not reported: %s", scores["window"], exc)
+            return
+        self.spool.append(session, "drift", json.dumps(record).encode())
+
+    # ------------------------------------------------------------------ labelled samples
+
+    @property
+    def labels(self) -> LabelBuffer:
+        """The label buffer (``<state_dir>/labels.db``), opened on first use."""
+        with self._labels_lock:
+            if self._labels is None:
+                self._labels = LabelBuffer(
+                    self.config.paths.state_dir / "labels.db",
+                    capacity=self.config.labels.capacity,
+                )
+            return self._labels
+
+    def add_label(self, raw: np.ndarray, label: int) -> None:
+        """Store a labelled sample: ``raw`` through the serving version's feature pipeline.
+
+        ``NoModelError`` when nothing serves (the features depend on the version);
+        ``LabelError`` for a label that is not a class of the model or input that does
+        not fit the feature pipeline.  The sample never leaves the device.
+        """
+        serving = self.serving
+        if serving is None:
+            raise NoModelError("no model is in service yet: labelled samples need its features")
+        value = check_label(label, serving.n_classes)
+        try:
+            x = serving.preprocess(np.asarray(raw, dtype=np.float32)[None, ...])
+        except ValueError as exc:
+            raise LabelError(f"input does not fit the feature pipeline: {exc}") from None
+        if x[0].size != serving.n_inputs:
+            raise LabelError(
+                f"input does not fit the model: {x[0].size} features, {serving.label} "
+                f"takes {serving.n_inputs}"
+            )
+        self._store_label(serving, x[0], value)
+
+    def _store_label(self, serving: Serving, features_one: np.ndarray, label: int) -> None:
+        manifest = serving.activated.content.manifest
+        self.labels.add(features_one, label, preprocess=manifest.preprocess, model=serving.label)
 
     # ------------------------------------------------------------------ reporting
 
@@ -1033,6 +1190,10 @@ class Agent(BaseLinkHandler):
         with self._lock:
             self._close_serving()
             self.spool.close()
+            with self._labels_lock:
+                if self._labels is not None:
+                    self._labels.close()
+                    self._labels = None
 
     def status(self) -> dict[str, Any]:
         """A snapshot for local tools (``tinyfleet-agent status``, the local API)."""

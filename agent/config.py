@@ -92,6 +92,28 @@ class InferenceSection(_Section):
     threads: int = Field(1, ge=1, le=64)
 
 
+class DriftSection(_Section):
+    """On-device drift statistics (agent/drift_stats.py); scores only leave the device."""
+
+    enabled: bool = True
+    window: int | None = Field(
+        None, ge=1, le=1_000_000, description="Inferences per drift window; default: telemetry's."
+    )
+    window_s: float | None = Field(
+        None, gt=0, le=86_400, description="Also close a window after this long (seconds)."
+    )
+    min_samples: int = Field(
+        30, ge=1, le=1_000_000, description="A window closed by window_s needs this many."
+    )
+    eps: float = Field(1e-4, gt=0, le=0.01, description="PSI smoothing of bin shares.")
+
+
+class LabelsSection(_Section):
+    """The local buffer of labelled samples (``<state_dir>/labels.db``)."""
+
+    capacity: int = Field(5000, ge=1, le=10_000_000)
+
+
 class AgentConfig(_Section):
     device: DeviceSection
     broker: BrokerSection = Field(default_factory=BrokerSection)
@@ -100,6 +122,8 @@ class AgentConfig(_Section):
     telemetry: TelemetrySection = Field(default_factory=TelemetrySection)
     download: DownloadSection = Field(default_factory=DownloadSection)
     inference: InferenceSection = Field(default_factory=InferenceSection)
+    drift: DriftSection = Field(default_factory=DriftSection)
+    labels: LabelsSection = Field(default_factory=LabelsSection)
 
     def broker_password(self, environ: dict[str, str] | None = None) -> str | None:
         """The broker password from its file (``$CREDENTIALS_DIRECTORY`` for relative paths)."""
@@ -126,6 +150,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
             ("telemetry", TelemetrySection),
             ("download", DownloadSection),
             ("inference", InferenceSection),
+            ("drift", DriftSection),
+            ("labels", LabelsSection),
         )
     }
     out: dict[str, dict[str, Any]] = {}

@@ -5,8 +5,17 @@ One request per line, one answer per line::
     {"op": "infer", "input": [[...], ...]}  -> {"ok": true, "label": 2, "confidence": 0.97,
                                                 "probabilities": [...], "model": "vibration@3",
                                                 "latency_ms": 0.4}
+    {"op": "infer", "input": [...], "label": 2}
+                                             -> the same, and the sample is stored as labelled
+    {"op": "label", "input": [...], "label": 2}
+                                             -> {"ok": true, "stored": 1, "samples": 812}
     {"op": "status"}                         -> {"ok": true, "status": {...reported state...}}
     anything else                            -> {"ok": false, "error": "..."}
+
+``label`` stores a labelled sample (the features of ``input`` under the serving
+version's pipeline, and the true class ``label``) in the device's label buffer for
+federated retraining; nothing of it leaves the device.  ``samples`` is the number
+of samples now in the buffer for that pipeline.
 
 The socket is created with mode 0660 so that a service group can be given access;
 requests larger than ``MAX_REQUEST`` bytes are refused.  The Python API is
@@ -43,16 +52,27 @@ def handle_request(agent: Agent, line: bytes) -> dict[str, Any]:
     op = req.get("op")
     if op == "status":
         return {"ok": True, "status": agent.status()}
-    if op != "infer":
-        return {"ok": False, "error": f"unknown op {op!r}; use infer or status"}
+    if op not in ("infer", "label"):
+        return {"ok": False, "error": f"unknown op {op!r}; use infer, label or status"}
     try:
         x = np.asarray(req.get("input"), dtype=np.float32)
     except (TypeError, ValueError) as exc:
         return {"ok": False, "error": f"input: {exc}"}
     if x.size == 0 or not np.all(np.isfinite(x)):
         return {"ok": False, "error": "input must be a non-empty array of finite numbers"}
+    label = req.get("label")
+    if op == "label" and label is None:
+        return {"ok": False, "error": "label: required, the true class index (an integer >= 0)"}
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
+        return {"ok": False, "error": f"label: must be an integer class index; got {label!r}"}
     try:
-        p = agent.infer(x)
+        if op == "label":
+            assert label is not None
+            agent.add_label(x, label)
+            serving = agent.serving
+            preprocess = None if serving is None else serving.activated.content.manifest.preprocess
+            return {"ok": True, "stored": 1, "samples": agent.labels.count(preprocess)}
+        p = agent.infer(x, label=label)
     except TinyfleetError as exc:
         return {"ok": False, "error": str(exc)}
     except ValueError as exc:

@@ -25,6 +25,7 @@ from tinyfleet.agent.fl.errors import (
     FLTooFewNodesError,
     FLUnsupportedModel,
 )
+from tinyfleet.agent.labels import LabelError
 from tinyfleet.agent.protocol.codec import ProtocolError
 from tinyfleet.sim.errors import FleetSizeError, ScenarioError, SimControlError, SimStateError
 
@@ -45,6 +46,7 @@ __all__ = [
     "FLUnsupportedModel",
     "GateRejectedError",
     "KeyError_",
+    "LabelError",
     "ManifestError",
     "ModelFileError",
     "NotFoundError",
@@ -152,6 +154,7 @@ EXIT_CODES: dict[int, tuple[str, str]] = {
     12: ("not-found", NotFoundError.__doc__ or ""),
     13: ("gate-rejected", GateRejectedError.__doc__ or ""),
     14: ("protocol", ProtocolError.__doc__ or ""),
+    17: ("label", LabelError.__doc__ or ""),
     20: ("rollout-failed", RolloutFailedError.__doc__ or ""),
     40: ("fl-failed", FLError.__doc__ or ""),
     41: ("fl-unsupported-model", FLUnsupportedModel.__doc__ or ""),

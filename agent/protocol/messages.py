@@ -601,6 +601,7 @@ class EventKind(StrEnum):
     FL_STOPPED = "fl_stopped"
     FL_EXITED = "fl_exited"
     FL_REFUSED = "fl_refused"
+    DRIFT_DISABLED = "drift_disabled"
 
 
 class DeviceEvent(Message):
