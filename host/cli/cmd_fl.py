@@ -138,7 +138,9 @@ def _print_view(view: dict[str, Any]) -> None:
     new = f" → {view['model']}@{view['new_version']}" if view.get("new_version") else ""
     con.print(
         f"federated run {view['id']}: {view['model']}@{view['parent_version']}{new} "
-        f"on {', '.join(view['cohort'])}  [{view['state']}]"
+        f"on {', '.join(view['cohort'])}  [{view['state']}]",
+        markup=False,
+        highlight=False,
     )
     con.print(
         f"  {cfg.get('strategy')}, {cfg.get('rounds')} rounds, min clients "

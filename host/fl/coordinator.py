@@ -194,6 +194,11 @@ class CoordinatorOptions(BaseModel):
     workdir: Path | None = Field(
         None, description="SuperLink state and run files (default <home>/fl)."
     )
+    retrain: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Request settings of runs the retrain policy starts (rounds, strategy, "
+        "min_clients, auto_rollout, …).",
+    )
 
 
 def _first_error(exc: ValidationError) -> UsageError:
@@ -322,14 +327,39 @@ class FLCoordinator:
         self.log.info("fl run %s requested: %s@%s on %s", rid, parent.model, parent.number, devices)
         return rid
 
-    def on_retrain(self, cohort: str, devices: Sequence[str]) -> str | None:
-        """A retrain policy's trigger: a run on the cohort's ``devices`` (or the cohort name).
+    def on_retrain(self, cohort: Any, devices: Sequence[str]) -> str | None:
+        """The retrain policy's trigger (``RetrainPolicy.trigger``): a run on a drifted cohort.
 
-        Never raises: a cohort too small or a bad request is logged and gives None.
+        ``cohort`` is the policy's ``CohortKey`` (``tag``, ``model``, ``version``), its
+        key ``TAG|MODEL@VERSION``, or a target (``tag:X``…).  The run covers the whole
+        cohort (``tag:TAG``, or ``all`` for ``*``) from the version it serves, with
+        ``options.retrain`` as the request's settings; ``devices`` (the drifted ones)
+        are used only when the cohort names no tag.  Never raises: a cohort too small
+        or a bad request is logged and gives None.
         """
-        targets = list(devices) or [cohort]
+        tag = getattr(cohort, "tag", None)
+        model = getattr(cohort, "model_ref", None)
+        if tag is None and isinstance(cohort, str) and "|" in cohort:
+            tag, _, model = cohort.rpartition("|")
+        if tag is not None:
+            targets = ["all"] if tag == "*" else [f"tag:{tag}"]
+        elif isinstance(cohort, str) and cohort:
+            targets = [cohort]
+        else:
+            targets = list(devices)
         try:
-            return self.request(targets, created_by="retrain-policy", trigger="policy")
+            settings = dict(self.options.retrain)
+            rounds = int(settings.pop("rounds", 3))
+            strategy = str(settings.pop("strategy", "fedavg"))
+            return self.request(
+                targets,
+                rounds,
+                strategy,
+                model=model,
+                created_by="retrain-policy",
+                trigger="policy",
+                **settings,
+            )
         except TinyfleetError as exc:
             self.log.warning("retrain of %s not started: %s", cohort, exc)
             return None
