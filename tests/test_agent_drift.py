@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_support import N_CLASSES, N_FEATURES, Version, make_tflite, register_version
+from mqtt_broker import MosquittoBroker
+from mqtt_broker import mosquitto_fixture as mosquitto_fixture
 
 from tinyfleet.agent import drift
 from tinyfleet.agent.activation import activate
@@ -260,3 +262,51 @@ def test_config_sections_and_env_overrides(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"drift\.windw: unknown key"):
         load_config(path, environ={})
+
+
+@pytest.mark.mqtt
+def test_drift_records_reach_the_host_over_mosquitto(
+    tmp_path: Path, tflite: Path, mosquitto: MosquittoBroker
+) -> None:
+    """A rollout to a real agent, inferences on it, drift records ingested by the host."""
+    from fleet_support import (
+        device_configs,
+        make_host,
+        running_fleet,
+        running_service,
+        start_rollout,
+        wait_rollout,
+        wait_until,
+    )
+    from sqlalchemy import select
+
+    from tinyfleet.host.db.tables import TelemetryRow
+    from tinyfleet.sim.fleet import DeviceSpec
+
+    host = make_host(tmp_path / "home", mosquitto)
+    host.version(tflite)
+    configs = device_configs(host, tmp_path / "devs", [DeviceSpec("dev-d")])
+    with running_service(host) as service, running_fleet(configs) as fleet:
+        rid = start_rollout(service, "tiny@1", ["dev-d"], waves=["100%"], soak_s=0)
+        view = wait_rollout(service, rid, ("completed", "rolled_back", "failed"))
+        assert view.row["state"] == "completed", view.row["reason"]
+        agent = fleet.agents["dev-d"]
+        window = agent.serving.drift_window if agent.serving else 0
+        rng = np.random.default_rng(5)
+        for x in rng.normal(loc=1.5, size=(2 * window, N_FEATURES)).astype(np.float32):
+            agent.infer(x)
+
+        def drift_rows() -> list[Any]:
+            with host.registry.engine.connect() as c:
+                return list(
+                    c.execute(
+                        select(TelemetryRow.body).where(
+                            TelemetryRow.device == "dev-d", TelemetryRow.kind == "drift"
+                        )
+                    ).scalars()
+                )
+
+        rows = wait_until(lambda: len(drift_rows()) >= 2 and drift_rows(), 20)
+        windows = sorted(r["window"] for r in rows)
+        assert windows == [0, 1] and all(r["n"] == window for r in rows)
+        assert all(np.mean(r["psi"]) > 0.5 for r in rows)  # inputs shifted by 1.5 sd
