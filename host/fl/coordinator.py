@@ -263,6 +263,7 @@ class FLCoordinator:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.current: str | None = None
+        self._timings: dict[str, float] = {}
 
     @property
     def workdir(self) -> Path:
@@ -565,6 +566,8 @@ class FLCoordinator:
                 )
                 devices = list(row.devices)
             self._update(run_id, state="enabling", started_at=utcnow())
+            t0 = time.monotonic()
+            self._timings = {}
             parent = self.registry.get(f"{req.model}")
             parent_run, weights = self._parent_model(parent)
             superlink = self._start_superlink(run_id)
@@ -580,15 +583,21 @@ class FLCoordinator:
             )
             enabled = self._set_fl(devices, fl)
             running, refused = self._wait_running(run_id, enabled, req)
+            self._timings["enabling"] = round(time.monotonic() - t0, 2)
             self._update(run_id, state="training", devices=running, excluded_add=refused)
             data = self._parent_data(parent_run)
             result = self._train(superlink, req, weights, data, run_id)
+            self._timings["training"] = round(time.monotonic() - t0 - self._timings["enabling"], 2)
+            t1 = time.monotonic()
             self._update(run_id, state="evaluating", result=self._result_json(result, running))
             self._stop_superlink(superlink)
             superlink = None
             self._set_fl(enabled, None)
             enabled = []
-            return self._register(run_id, req, parent, parent_run, data, result, running)
+            state = self._register(run_id, req, parent, parent_run, data, result, running)
+            self._timings["evaluating"] = round(time.monotonic() - t1, 2)
+            self._update(run_id, timings=self._timings)
+            return state
         except (TinyfleetError, _RunFailed) as exc:
             self._fail(run_id, str(exc))
             return "failed"
@@ -769,6 +778,9 @@ class FLCoordinator:
             "devices": devices,
             "dropped": _jsonable(getattr(result, "dropped", [])),
             "round_metrics": _jsonable(getattr(result, "rounds", [])),
+            "initial_val_acc": _jsonable(getattr(result, "initial_val_acc", None)),
+            "final_val_acc": _jsonable(getattr(result, "final_val_acc", None)),
+            "seconds": _jsonable(getattr(result, "seconds", None)),
         }
 
     def _register(
@@ -814,6 +826,8 @@ class FLCoordinator:
             "devices": devices,
             "dropped": result_json["dropped"],
             "round_metrics": result_json["round_metrics"],
+            "initial_val_acc": result_json["initial_val_acc"],
+            "final_val_acc": result_json["final_val_acc"],
         }
         info.update(
             source="federated",
@@ -886,7 +900,12 @@ class FLCoordinator:
     # -- rows
 
     def _update(
-        self, run_id: str, *, excluded_add: dict[str, str] | None = None, **values: Any
+        self,
+        run_id: str,
+        *,
+        excluded_add: dict[str, str] | None = None,
+        timings: dict[str, float] | None = None,
+        **values: Any,
     ) -> None:
         with Session(writer(self.engine)) as s, s.begin():
             row = s.get(FLRunRow, run_id)
@@ -902,6 +921,8 @@ class FLCoordinator:
                 )
             if excluded_add:
                 row.excluded = {**(row.excluded or {}), **excluded_add}
+            if timings is not None:
+                row.result = {**(row.result or {}), "timings_s": dict(timings)}
             row.updated_at = utcnow()
         if "state" in values:
             self.log.info("fl run %s: %s", run_id, values["state"])

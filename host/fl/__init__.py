@@ -1,0 +1,1 @@
+"""Server side of federated retraining: SuperLink process, ServerApp, run API."""
