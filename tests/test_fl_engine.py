@@ -36,8 +36,9 @@ class Fleet:
         self.superlink = SuperLink(root / "superlink").start()
         good = [
             device_data("fl-a", 240, SEED, class_probs=non_iid_probs(0)),
-            device_data("fl-b", 240, SEED, class_probs=non_iid_probs(2),
-                        drift=Drift(gain_factor=1.4)),  # fmt: skip
+            device_data(
+                "fl-b", 240, SEED, class_probs=non_iid_probs(2), drift=Drift(gain_factor=1.4)
+            ),
         ]
         poisoned = device_data("fl-c", 120, SEED)
         poisoned.x[:, 3] = 3e38  # a broken sensor channel: finite, but overflows in training
@@ -81,8 +82,15 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 
 
 def test_rounds_converge_and_poisoned_update_is_dropped(fleet: Fleet, tmp_path: Path) -> None:
-    cfg = FLRunConfig(rounds=2, min_clients=3, local_epochs=3, batch_size=32,
-                      learning_rate=0.003, round_timeout_s=30, seed=1)  # fmt: skip
+    cfg = FLRunConfig(
+        rounds=2,
+        min_clients=3,
+        local_epochs=3,
+        batch_size=32,
+        learning_rate=0.003,
+        round_timeout_s=30,
+        seed=1,
+    )
     res = run_federated(fleet.superlink, cfg, fleet.parent, (fleet.val.x, fleet.val.y), tmp_path)
 
     before = evaluate(fleet.parent, fleet.val.x, fleet.val.y)[1]
@@ -119,8 +127,13 @@ def test_bad_inputs_refused_before_a_run(fleet: Fleet, tmp_path: Path) -> None:
     with pytest.raises(FLUnsupportedModel):
         run_federated(fleet.superlink, FLRunConfig(), conv, None, tmp_path)
     with pytest.raises(FLError, match="validation set"):
-        run_federated(fleet.superlink, FLRunConfig(), fleet.parent,
-                      (fleet.val.x[:, :4], fleet.val.y), tmp_path)  # fmt: skip
+        run_federated(
+            fleet.superlink,
+            FLRunConfig(),
+            fleet.parent,
+            (fleet.val.x[:, :4], fleet.val.y),
+            tmp_path,
+        )
     with pytest.raises(ValueError, match="strategy"):
         FLRunConfig(strategy="fedsgd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="rounds"):
@@ -146,8 +159,9 @@ def test_killed_supernode_mid_round_run_finishes(fleet: Fleet, tmp_path: Path) -
     timeout = 15.0  # generous: four ClientApps start at once on a shared 2-core machine
     cfg = FLRunConfig(rounds=2, min_clients=2, round_timeout_s=timeout, local_epochs=2, seed=2)
     t0 = time.monotonic()
-    run_id, out = start_run(fleet.superlink, cfg, fleet.parent, (fleet.val.x, fleet.val.y),
-                            tmp_path / "run")  # fmt: skip
+    run_id, out = start_run(
+        fleet.superlink, cfg, fleet.parent, (fleet.val.x, fleet.val.y), tmp_path / "run"
+    )
     try:
         deadline = time.monotonic() + 30
         while not any("flwr-clientapp" in _cmdline(p) for p in descendants(node.pid or 0)):
@@ -188,19 +202,33 @@ def test_tls_and_node_auth_refuse_unregistered_node(tmp_path: Path) -> None:
         registered = link.register_node(known_pub, name="known")
         d = device_data("fl-tls", 160, SEED)
         paths = [save_npz_data(_mk(tmp_path / n) / "labels.npz", d.x, d.y) for n in ("a", "b")]
-        known = SuperNodeProcess(link.address, paths[0], home=tmp_path / "a",
-                                 root_certificates=tls.ca_cert, auth_private_key=known_key)  # fmt: skip
-        stranger = SuperNodeProcess(link.address, paths[1], home=tmp_path / "b",
-                                    root_certificates=tls.ca_cert,
-                                    auth_private_key=stranger_key)  # fmt: skip
+        known = SuperNodeProcess(
+            link.address,
+            paths[0],
+            home=tmp_path / "a",
+            root_certificates=tls.ca_cert,
+            auth_private_key=known_key,
+        )
+        stranger = SuperNodeProcess(
+            link.address,
+            paths[1],
+            home=tmp_path / "b",
+            root_certificates=tls.ca_cert,
+            auth_private_key=stranger_key,
+        )
         nodes = [known.start(), stranger.start()]
         assert known.wait_connected(30) == registered
         with pytest.raises(FLError, match="Failed to activate SuperNode"):
             stranger.wait_connected(30)
         assert not stranger.alive()
         w0 = dense_weights(d.x, seed=1)
-        res = run_federated(link, FLRunConfig(rounds=1, min_clients=1, local_epochs=2), w0,
-                            (d.x, d.y), tmp_path / "run")  # fmt: skip
+        res = run_federated(
+            link,
+            FLRunConfig(rounds=1, min_clients=1, local_epochs=2),
+            w0,
+            (d.x, d.y),
+            tmp_path / "run",
+        )
         assert res.nodes == [registered] and not res.rounds[0].dropped
         assert (res.rounds[0].val_acc or 0) > (res.initial_val_acc or 0)
     finally:

@@ -64,8 +64,13 @@ def test_training_reduces_loss_and_is_deterministic(optimizer: str) -> None:
     x, y = _toy(400, 21, 1)
     w0 = _mlp(21, 2, x)
     loss0, acc0 = evaluate(w0, x, y)
-    cfg = TrainConfig(epochs=5, batch_size=32, learning_rate=0.01 if optimizer == "adam" else 0.1,
-                      optimizer=optimizer, seed=3)  # fmt: skip
+    cfg = TrainConfig(
+        epochs=5,
+        batch_size=32,
+        learning_rate=0.01 if optimizer == "adam" else 0.1,
+        optimizer=optimizer,
+        seed=3,
+    )
     res = train(w0, x, y, cfg)
     loss1, acc1 = evaluate(res.weights, x, y)
     assert loss1 < 0.5 * loss0 and acc1 > max(acc0, 0.8)

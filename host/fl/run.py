@@ -92,8 +92,9 @@ def start_run(
     v_path = None
     if validation is not None:
         v_path = workdir / "validation.npz"
-        np.savez(v_path, x=np.asarray(validation[0], np.float32),
-                 y=np.asarray(validation[1], np.int64))  # fmt: skip
+        np.savez(
+            v_path, x=np.asarray(validation[0], np.float32), y=np.asarray(validation[1], np.int64)
+        )
     job = FLJob(
         config=config,
         initial_weights=str(w_path),

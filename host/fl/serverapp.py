@@ -439,8 +439,16 @@ def _main(grid: Grid, context: Context) -> None:
     try:
         result = run_server(grid, job, run_id)
     except FLTooFewNodesError as exc:
-        _write(out, FLResultFile(ok=False, error=str(exc), error_kind="too-few-nodes",
-                                 run_id=run_id, strategy=job.config.strategy))  # fmt: skip
+        _write(
+            out,
+            FLResultFile(
+                ok=False,
+                error=str(exc),
+                error_kind="too-few-nodes",
+                run_id=run_id,
+                strategy=job.config.strategy,
+            ),
+        )
         raise
     except _NoUpdates as exc:
         partial = exc.partial
@@ -448,9 +456,16 @@ def _main(grid: Grid, context: Context) -> None:
         _write(out, partial)
         raise
     except Exception as exc:
-        _write(out, FLResultFile(ok=False, error=f"{type(exc).__name__}: {exc}",
-                                 error_kind="internal", run_id=run_id,
-                                 strategy=job.config.strategy))  # fmt: skip
+        _write(
+            out,
+            FLResultFile(
+                ok=False,
+                error=f"{type(exc).__name__}: {exc}",
+                error_kind="internal",
+                run_id=run_id,
+                strategy=job.config.strategy,
+            ),
+        )
         (out / "serverapp-traceback.txt").write_text(traceback.format_exc())
         raise
     _write(out, result)

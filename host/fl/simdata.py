@@ -53,7 +53,8 @@ def device_data(
     sensor = VibrationSensor(
         params, np.random.default_rng(derive_seed(seed, "fl", device_id)), drift=drift, t=warmup
     )
-    windows, labels = sensor.sample(n, class_probs)
+    probs = None if class_probs is None else np.asarray(class_probs, dtype=np.float64)
+    windows, labels = sensor.sample(n, probs)
     return DeviceData(device_id, vibration_features_batch(windows).astype(np.float32), labels)
 
 

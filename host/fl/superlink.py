@@ -45,8 +45,11 @@ class TLSFiles:
     key: Path
 
     def check(self) -> None:
-        for name, p in (("CA certificate", self.ca_cert), ("certificate", self.cert),
-                        ("key", self.key)):  # fmt: skip
+        for name, p in (
+            ("CA certificate", self.ca_cert),
+            ("certificate", self.cert),
+            ("key", self.key),
+        ):
             if not Path(p).is_file():
                 raise FLError(f"SuperLink TLS {name} {p} does not exist")
 
@@ -150,8 +153,14 @@ class SuperLink:
         if tls is None:
             command.append("--insecure")
         else:
-            command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert),
-                        "--ssl-keyfile", str(tls.key)]  # fmt: skip
+            command += [
+                "--ssl-ca-certfile",
+                str(tls.ca_cert),
+                "--ssl-certfile",
+                str(tls.cert),
+                "--ssl-keyfile",
+                str(tls.key),
+            ]
         if supernode_auth:
             command.append("--enable-supernode-auth")
         command.append("--disable-runtime-dependency-installation")
@@ -185,8 +194,13 @@ class SuperLink:
 
     def _write_cli_config(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                 f'address = "{self.address}"']  # fmt: skip
+        lines = [
+            "[superlink]",
+            f'default = "{CONNECTION}"',
+            "",
+            f"[superlink.{CONNECTION}]",
+            f'address = "{self.address}"',
+        ]
         if self.tls is None:
             lines.append("insecure = true")
         else:
