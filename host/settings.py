@@ -11,9 +11,10 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tinyfleet.host.errors import ConfigError
+from tinyfleet.host.fleet.drift_rules import DriftSettings
 
 DEFAULT_HOME = Path(".tinyfleet")
 
@@ -28,6 +29,8 @@ class HostSettings(BaseModel):
     fleet: str = "default"
     broker_url: str = "mqtt://127.0.0.1:1883"
     created_by: str | None = None
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    """Drift alert rules, sinks and the retrain policy: the ``[drift]`` table of host.toml."""
 
     @property
     def registry_dir(self) -> Path:

@@ -30,8 +30,10 @@ from tinyfleet.agent.protocol import (
     encode,
 )
 from tinyfleet.agent.protocol.topics import TopicKind
+from tinyfleet.host.fleet.drift import monitor_for_service
 from tinyfleet.host.fleet.ingest import Ingest
 from tinyfleet.host.fleet.publish import ArtifactPublisher, DesiredPublisher
+from tinyfleet.host.fleet.retrain import RetrainTrigger
 from tinyfleet.host.fleet.rollout import Orchestrator
 from tinyfleet.host.keys import SigningKey, load_signing_key
 from tinyfleet.host.registry import Registry
@@ -49,6 +51,7 @@ class FleetService(BaseLinkHandler):
         signer: SigningKey | None = None,
         step_interval: float = 0.2,
         logger: logging.Logger | None = None,
+        retrain_trigger: RetrainTrigger | None = None,
     ) -> None:
         self.settings = settings
         self.log = logger or logging.getLogger("tinyfleet.host.service")
@@ -73,6 +76,18 @@ class FleetService(BaseLinkHandler):
         )
         self.driver = ThreadDriver(self.link, name=f"host-{self.fleet}")
         self.ingest = Ingest(self.registry.engine, self.fleet, logger=self.log.getChild("ingest"))
+        # Drift scores, alerts (log, DB, host/events, webhook) and the retrain policy.
+        self.drift = monitor_for_service(
+            settings.drift,
+            self.registry,
+            self.fleet,
+            publish=self.link.publish,
+            topic=self.topics.host_events(),
+            trigger=retrain_trigger,
+            logger=self.log.getChild("drift"),
+        )
+        if settings.drift.enabled:
+            self.ingest.on_telemetry.append(self.drift.on_telemetry)
         self.artifacts = ArtifactPublisher(
             self.link, self.topics, self.registry.blob_path, logger=self.log.getChild("artifacts")
         )
@@ -105,6 +120,7 @@ class FleetService(BaseLinkHandler):
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        self.drift.start()
         self.ingest.start()
         self.driver.start()
         self._loop = threading.Thread(target=self._run, name="fleet-loop", daemon=True)
@@ -122,6 +138,7 @@ class FleetService(BaseLinkHandler):
             )
         self.driver.stop(timeout)
         self.ingest.stop(timeout)
+        self.drift.stop(timeout)
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         return self.connected.wait(timeout)
