@@ -2,9 +2,11 @@
 
 Everything is the real code: a host (registry and signing key in a temporary
 home on disk, ``FleetService`` with its orchestrator at its default step
-interval), N real agents in k worker processes (each an ``InProcessFleet``: one
-selector thread, a shared activation pool; device state on /dev/shm unless a
-run says disk) and a private Mosquitto with the limits of docs/mosquitto
+interval), N real agents in k worker processes (the fleet launcher's workers,
+``tinyfleet.sim.launcher.WorkerProcess``, that ``tinyfleet sim up`` runs: each an
+``InProcessFleet`` with one selector thread and a shared activation pool,
+answering on a control socket; no sensor feed here; device state on /dev/shm
+unless a run says disk) and a private Mosquitto with the limits of docs/mosquitto
 (``max_queued_messages 1000``, in flight 20: Mosquitto's defaults).  One run
 per N uses an unlimited broker queue (``max_queued_messages 0``) to show what
 the rollout takes when the broker never drops a message for a slow host.
@@ -34,8 +36,8 @@ Bytes: host artifact egress is ``ArtifactPublisher.bytes_out`` (model and
 reference bundle, republished chunks included); host total egress is its
 link's ``bytes_out`` (desired states included); what devices received is the
 sum of their links' ``bytes_in`` (payload bytes); the broker's figures are its
-``$SYS/broker`` counters (wire bytes to every client, over the rollout plus up
-to 1 s).  CPU is user+system time of each process over the timed rollout (the
+``$SYS/broker`` counters (wire bytes and messages to and from every client,
+over the rollout plus up to 1 s).  CPU is user+system time of each process over the timed rollout (the
 host's includes this benchmark's 20 ms status poll).  RSS per device is a
 worker's VmRSS over its devices; "over base" subtracts the worker's RSS before
 it created its agents (Python, numpy, paho, pydantic, cryptography, LiteRT), and
@@ -48,7 +50,6 @@ artifact size whatever N, cost linear in N; simulator ≤ 1 MB RSS per device.
 from __future__ import annotations
 
 import itertools
-import logging
 import multiprocessing
 import os
 import statistics
@@ -177,45 +178,11 @@ def _register(registry: Any, signer: Any, path: Path) -> Any:
 # ---------------------------------------------------------------------- logs
 
 
-class _LogCounts(logging.Handler):
-    """Counts WARNING+ records by (level, logger without the device id, message template)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: dict[str, int] = {}
-        self.examples: dict[str, str] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        parts = record.name.split(".")
-        if record.name.startswith("tinyfleet.sim.fleet.") and len(parts) > 3:
-            parts[3] = "<device>"
-        name = ".".join(parts)
-        key = f"{record.levelname} {name}: {record.msg}"
-        self.counts[key] = self.counts.get(key, 0) + 1
-        if key not in self.examples:
-            try:
-                text = record.getMessage()
-            except Exception:  # a bad format string must not break the count
-                text = str(record.msg)
-            if record.exc_info and record.exc_info[1] is not None:
-                exc = record.exc_info[1]
-                text += f" [{type(exc).__name__}: {exc}]"
-            self.examples[key] = text[:400]
-
-    def take(self) -> dict[str, Any]:
-        out = {k: {"count": n, "example": self.examples[k]} for k, n in self.counts.items()}
-        self.counts, self.examples = {}, {}
-        return out
-
-
-def _install_log_counts() -> _LogCounts:
+def _install_log_counts() -> Any:
     """Count the project's warnings and errors instead of printing them (stderr stays clean)."""
-    counts = _LogCounts()
-    log = logging.getLogger("tinyfleet")
-    log.addHandler(counts)
-    log.propagate = False
-    log.setLevel(logging.WARNING)
-    return counts
+    from tinyfleet.sim.launcher import LogCounts
+
+    return LogCounts().install()
 
 
 # ---------------------------------------------------------------------- processes
@@ -237,124 +204,49 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _worker(
-    conn: Any, devices: list[str], root: str, broker_url: str, public_key: str
-) -> None:  # pragma: no cover - runs in a spawned process
-    """One worker process: an ``InProcessFleet`` of ``devices``, answering commands on ``conn``."""
-    import ai_edge_litert.interpreter  # type: ignore[import-untyped]  # noqa: F401  (in the base)
-
-    from tinyfleet.sim.fleet import DeviceSpec, InProcessFleet, provision
-
-    logs = _install_log_counts()
-    base = _proc_mem()
-    configs = [
-        provision(
-            Path(root),
-            DeviceSpec(d),
-            fleet=FLEET,
-            broker_url=broker_url,
-            host_public_key=Path(public_key),
-        )
-        for d in devices
-    ]
-    fleet = InProcessFleet(configs)
-    built = _proc_mem()
-    fleet.start()
-    conn.send((base, built))
-    while True:
-        cmd = conn.recv()
-        if cmd == "connected":
-            conn.send(fleet.connected())
-        elif cmd == "stats":
-            conn.send({**_fleet_stats(fleet), "logs": logs.take()})
-        else:
-            # No clean close: closing agents one by one waits up to a second each when the
-            # selector driver has lost a wake-up (agent/drivers.py ``_drain_wake`` clears its
-            # flag before reading the socket); the whole setup is thrown away anyway.
-            conn.send(None)
-            os._exit(0)
-
-
-def _fleet_stats(fleet: Any) -> dict[str, Any]:
-    keys = ("bytes_in", "messages_in", "bytes_out", "messages_out", "publish_failures")
-    totals = dict.fromkeys(keys, 0)
-    serving: list[tuple[int | None, str | None]] = []
-    reconnects = errors = 0
-    for agent in fleet.agents.values():
-        st = agent.link.stats
-        for k in keys:
-            totals[k] += getattr(st, k)
-        reconnects += st.reconnects
-        s = agent.serving
-        if s is None:
-            serving.append((None, None))
-        else:
-            serving.append((s.activated.content.manifest.version, s.since.isoformat()))
-        errors += agent.error is not None
-    return {
-        **totals,
-        "reconnects": reconnects,
-        "errors": errors,
-        "serving": serving,
-        "mem": _proc_mem(),
-        "devices": len(fleet.agents),
-    }
-
-
 class _Workers:
-    """k spawned worker processes sharing N devices."""
+    """k worker processes sharing N devices: the fleet launcher's workers (``sim up`` runs
+    the same code), without a sensor feed, answering on their control sockets."""
 
     def __init__(self, n: int, k: int, root: Path, broker_url: str, public_key: Path) -> None:
-        ctx = multiprocessing.get_context("spawn")
+        from tinyfleet.sim.launcher import WorkerProcess
+
         ids = [f"dev-{i:05d}" for i in range(n)]
         self.procs: list[Any] = []
-        self.conns: list[Any] = []
         for w in range(k):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(
-                target=_worker,
-                args=(child, ids[w::k], str(root), broker_url, str(public_key)),
-                name=f"bench-fleet-{w}",
-                daemon=True,
+            spec = {
+                "index": w,
+                "devices": [{"device": d} for d in ids[w::k]],
+                "root": str(root),
+                "fleet": FLEET,
+                "broker_url": broker_url,
+                "host_public_key": str(public_key),
+                "feed": False,
+                "socket": str(root / f"worker-{w}.sock"),
+            }
+            self.procs.append(
+                WorkerProcess(spec, root / f"worker-{w}.json", root / f"worker-{w}.log").start()
             )
-            p.start()
-            self.procs.append(p)
-            self.conns.append(parent)
-        mems = [self._recv(c, 120) for c in self.conns]
-        self.base_mem: list[dict[str, int]] = [m[0] for m in mems]
-        self.built_mem: list[dict[str, int]] = [m[1] for m in mems]
-
-    @staticmethod
-    def _recv(conn: Any, timeout: float) -> Any:
-        if not conn.poll(timeout):
-            raise RuntimeError(f"a worker did not answer within {timeout:g} s")
-        return conn.recv()
+        try:
+            for p in self.procs:
+                p.wait_ready(CONNECT_TIMEOUT_S)
+        except Exception:
+            self.stop()
+            raise
+        first = self.ask("stats")
+        self.base_mem: list[dict[str, int]] = [s["base_mem"] for s in first]
+        self.built_mem: list[dict[str, int]] = [s["built_mem"] for s in first]
 
     def ask(self, cmd: str, timeout: float = 60) -> list[Any]:
-        for c in self.conns:
-            c.send(cmd)
-        return [self._recv(c, timeout) for c in self.conns]
+        return [p.ask({"cmd": cmd}, timeout) for p in self.procs]
 
     def cpu(self) -> float:
         return sum(_cpu_s(p.pid) for p in self.procs)
 
     def stop(self) -> None:
-        for c, p in zip(self.conns, self.procs, strict=True):
-            try:
-                if p.is_alive():
-                    c.send("stop")
-            except OSError:
-                pass
-        for c, p in zip(self.conns, self.procs, strict=True):
-            try:
-                if p.is_alive():
-                    self._recv(c, 60)
-            except (OSError, EOFError, RuntimeError):
-                pass
-            p.join(10)
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
+        # No clean close: the whole setup is thrown away (SIGKILL; the broker drops the links).
+        for p in self.procs:
+            p.kill()
 
 
 # ---------------------------------------------------------------------- host side
@@ -520,7 +412,7 @@ def _timed(
     broker: Any,
     sys_counters: Any,
     steps: _StepTimer,
-    logs: _LogCounts,
+    logs: Any,
     model_size: int,
     reference_size: int,
 ) -> dict[str, Any]:
@@ -585,6 +477,9 @@ def _timed(
         "broker_bytes_sent": broker_sent,
         "broker_bytes_x_model_n": broker_sent / (model_size * n),
         "broker_dropped": sys2.get("messages_dropped", 0) - sys1.get("messages_dropped", 0),
+        "broker_messages_sent": sys2.get("messages_sent", 0) - sys1.get("messages_sent", 0),
+        "broker_messages_received": sys2.get("messages_received", 0)
+        - sys1.get("messages_received", 0),
         "host_cpu_s": host_cpu,
         "host_cpu_ms_per_device": 1000 * host_cpu / n,
         "workers_cpu_s": work_cpu,
@@ -601,7 +496,7 @@ def _timed(
     }
 
 
-def _run_one(run: Run, models: list[Path], logs: _LogCounts) -> dict[str, Any]:
+def _run_one(run: Run, models: list[Path], logs: Any) -> dict[str, Any]:
     from bench.broker import Broker, SysCounters
     from tinyfleet.host.fleet.service import FleetService
     from tinyfleet.host.keys import init_keys, load_signing_key
@@ -810,6 +705,12 @@ def _print_run(r: dict[str, Any]) -> None:
         f"  fan-out      devices received {r['device_bytes_per_device']:,.0f} B each "
         f"= {r['device_bytes_x_artifact']:.2f}x (model + reference); broker sent "
         f"{r['broker_bytes_sent'] / MB:.1f} MB = {r['broker_bytes_x_model_n']:.2f}x N x model"
+    )
+    print(
+        f"  broker       messages sent {r['broker_messages_sent']:,} "
+        f"({r['broker_messages_sent'] / n:.1f} per device), received "
+        f"{r['broker_messages_received']:,} ({r['broker_messages_received'] / n:.1f} per device), "
+        f"dropped {r['broker_dropped']}"
     )
     print(
         f"  CPU          host {r['host_cpu_s']:.2f} s ({r['host_cpu_ms_per_device']:.2f} ms per "

@@ -352,6 +352,8 @@ class _Worker:
 
         self.spec = spec
         self.logs = LogCounts().install()
+        with contextlib.suppress(ImportError):  # the runtime every Pi-class device loads
+            import ai_edge_litert.interpreter  # type: ignore[import-untyped]  # noqa: F401
         self.base_mem = _proc_mem()
         root = Path(spec["root"])
         specs = [DeviceSpec(**d) for d in spec["devices"]]
