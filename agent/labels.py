@@ -10,7 +10,8 @@ in telemetry: the samples stay on the device.
 
 Storage: one SQLite file, ``<state_dir>/labels.db``, in WAL mode (a reader in
 another process never blocks the agent's writes, nor the reverse), committed per
-``add`` with ``synchronous=NORMAL``.  Table ``labels``: ``id`` (insertion order),
+``add`` with ``synchronous=NORMAL``, a 32 KiB page cache (many simulated devices
+share a process); the agent opens it when the first sample comes.  Table ``labels``: ``id`` (insertion order),
 ``ts`` (UTC seconds), ``preprocess``, ``model``, ``n_features``, ``features``
 (little-endian float32 BLOB) and ``label``.  Bounded: at most ``capacity`` rows;
 an ``add`` past it deletes the oldest rows in the same transaction.
@@ -113,6 +114,7 @@ class LabelBuffer:
                 db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA cache_size = -32")  # 32 KiB: many simulated devices per process
                 db.executescript(_SCHEMA)
                 self._check_schema(db, write=True)
             self._count = int(db.execute("SELECT count(*) FROM labels").fetchone()[0])

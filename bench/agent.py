@@ -22,6 +22,12 @@ the daemon's default).  In the same run, on the same model file and inputs
 the same work by hand (features, quantize, ``set_tensor``, ``invoke``,
 ``get_tensor``, dequantize, argmax); the agent runtime's ``invoke_one`` on ready
 features; ``set_tensor`` + ``invoke`` + ``get_tensor``; ``invoke()`` alone.
+``Agent.infer`` includes the drift statistics (a ``DriftAccumulator`` per
+serving version, a ``drift`` record spooled per window), so the ratio against
+the work by hand is the agent's whole overhead: features, drift statistics,
+counters.  Two more rows split the drift share out: ``Agent.infer`` with the
+accumulator switched off, and ``DriftAccumulator.add`` alone on the same
+features and outputs (with ``report()`` once per window, as the agent does).
 Medians over blocks; a cProfile of ``Agent.infer`` lists where its time goes.
 Targets (docs DESIGN): idle RSS with LiteRT and a model loaded ≤ 64 MB; the
 inference path ≤ 1.10x a bare LiteRT ``invoke()``, amortised per window.
@@ -382,20 +388,59 @@ def _inference(config_path: Path, model_path: Path) -> dict[str, Any]:
         def restore() -> None:
             serving.preprocess = real_preprocess
 
+        # Drift statistics alone: a second accumulator on the same profile, fed the features
+        # and outputs of the same windows, closing a window (report) as often as the agent.
+        from tinyfleet.agent.drift_stats import DriftAccumulator
+
+        real_drift = serving.drift
+        if real_drift is None:
+            raise RuntimeError("the agent serves without drift statistics")
+        acc = DriftAccumulator(real_drift.profile, n_classes=real_drift.n_classes)
+        drift_window = serving.drift_window
+        outputs = {}
+        for w in windows:
+            probs = model.invoke_one(ready[id(w)][0])
+            top = int(np.argmax(probs))
+            outputs[id(w)] = (ready[id(w)][0], probs, top, float(probs[top]))
+
+        def drift_only(raw: np.ndarray) -> None:
+            f, probs, top, conf = outputs[id(raw)]
+            acc.add(f, probs, label=top, confidence=conf)
+            if acc.n >= drift_window:
+                acc.report()
+
+        def lookup_only(raw: np.ndarray) -> Any:
+            return outputs[id(raw)]
+
+        def drift_off() -> None:
+            serving.drift = None
+
+        def drift_on() -> None:
+            serving.drift = real_drift
+
         methods: dict[str, Callable[[Any], Any]] = {
             "agent.infer(raw)": agent.infer,
+            "agent.infer, drift statistics off": agent.infer,
             "agent.infer, features ready (lookup)": agent.infer,
             "by hand: features+quantize+set+invoke+get+dequantize": by_hand,
             "features only (vibration-v1)": lambda raw: vibration_features_batch(raw[None]),
             "runtime invoke_one(features)": lambda _raw: model.invoke_one(feat0),
             "set_tensor+invoke+get_tensor": set_invoke_get,
             "invoke() alone": lambda _raw: invoke(),
+            "DriftAccumulator.add (+ report per window)": drift_only,
+            "the lookup drift_only does": lookup_only,
         }
         # same model, same input: the agent's answer and the bare one agree
         agree = int(agent.infer(windows[0]).label) == by_hand(windows[0])
         blocks = _time(
-            methods, windows, {"agent.infer, features ready (lookup)": (use_ready, restore)}
+            methods,
+            windows,
+            {
+                "agent.infer, features ready (lookup)": (use_ready, restore),
+                "agent.infer, drift statistics off": (drift_off, drift_on),
+            },
         )
+        drift_records = sum(1 for r in agent.spool.peek(1_000_000) if r.kind == "drift")
         profile = cProfile.Profile()
         profile.enable()
         for i in range(PROFILE_CALLS):
@@ -411,6 +456,9 @@ def _inference(config_path: Path, model_path: Path) -> dict[str, Any]:
             "median_ns": {k: statistics.median(v) for k, v in blocks.items()},
             "agree": agree,
             "window": agent.window,
+            "drift_window": drift_window,
+            "drift_features": real_drift.n_features,
+            "drift_records": drift_records,
             "runtime": model.runtime,
             "profile": text.getvalue(),
             "callees": callees.getvalue(),
@@ -487,6 +535,15 @@ def run() -> dict[str, Any]:
         f"  with features: agent - by hand = {(agent_ns - hand_ns) / 1000:+.2f} us per call; "
         f"the feature pipeline is {features_ns / agent_ns:.0%} of agent.infer"
     )
+    drift_off_ns = med["agent.infer, drift statistics off"]
+    drift_ns = med["DriftAccumulator.add (+ report per window)"] - med["the lookup drift_only does"]
+    print(
+        f"  drift statistics ({inf['drift_features']} features, window {inf['drift_window']}, "
+        f"{inf['drift_records']} drift records spooled): DriftAccumulator.add + report per "
+        f"window {drift_ns / 1000:.2f} us per inference; agent.infer with drift on - off = "
+        f"{(agent_ns - drift_off_ns) / 1000:+.2f} us ({(agent_ns - drift_off_ns) / agent_ns:.1%} "
+        f"of agent.infer)"
+    )
     ratio_hand = agent_ns / hand_ns
     ratio_invoke = agent_ns / invoke_ns
     print(f"\n  cProfile of {PROFILE_CALLS:,} agent.infer calls: what infer calls (cumulative s)")
@@ -502,6 +559,7 @@ def run() -> dict[str, Any]:
     checks = [
         ("agent idle RSS, model active, MB", agent_rss / MB, TARGET_RSS_MB),
         ("agent.infer / (same work by hand)", ratio_hand, TARGET_RATIO),
+        ("agent.infer without drift / by hand", drift_off_ns / hand_ns, TARGET_RATIO),
         ("agent.infer / bare invoke() alone", ratio_invoke, TARGET_RATIO),
     ]
     print()
@@ -517,7 +575,12 @@ def run() -> dict[str, Any]:
         "memory": {k: v for k, v in mem.items() if k not in ("model_path", "config")},
         "inference": {k: v for k, v in inf.items() if k not in ("profile", "callees")},
         "profile": inf["profile"],
-        "ratios": {"agent_over_by_hand": ratio_hand, "agent_over_invoke": ratio_invoke},
+        "ratios": {
+            "agent_over_by_hand": ratio_hand,
+            "agent_without_drift_over_by_hand": drift_off_ns / hand_ns,
+            "agent_over_invoke": ratio_invoke,
+        },
+        "drift_ns_per_inference": drift_ns,
         "targets": {
             label: {"value": value, "limit": limit, "met": value <= limit}
             for label, value, limit in checks
