@@ -838,7 +838,8 @@ class Agent(BaseLinkHandler):
                     drift.add(x[0], probs, label=top, confidence=confidence)
                 except ValueError as exc:  # features that do not fit the profile after all
                     serving.drift = None
-                    self._drift_disabled(serving.label, str(exc))
+                    with self._locked():
+                        self._drift_disabled(serving.label, str(exc))
                 else:
                     if drift.n >= serving.drift_window or (
                         serving.drift_window_s is not None
