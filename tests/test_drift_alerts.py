@@ -599,3 +599,77 @@ def test_service_turns_drift_telemetry_into_an_alert_on_host_events(
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_drift_and_alerts_commands(
+    tmp_path: Path, tflite: Path, signing_key: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from tinyfleet.host.cli.app import main
+
+    home = tmp_path / "home"
+    settings = load_settings(home, environ={})
+    registry = Registry(settings.registry_dir, settings.database_url)
+    register_version(registry, signing_key, tflite)
+    mon = DriftMonitor(
+        registry.engine, "default", small_settings(), profiles=ProfileSource(registry)
+    )
+    for w in range(4):
+        mon.process([("d1", report(w)), ("d2", report(w))])
+    for w in (4, 5):
+        mon.process([("d1", report(w, 0.6)), ("d2", report(w))])
+    RetrainPolicy(registry.engine, "default", RetrainSettings(min_devices=5)).evaluate(
+        CohortKey("*", "tiny", 1), 2, ["d1"]
+    )
+
+    def cli(*args: str) -> tuple[int, Any, str]:
+        capfd.readouterr()
+        code = main(["--home", str(home), *args])
+        cap = capfd.readouterr()
+        out: Any = json.loads(cap.out) if "--json" in args and cap.out.strip() else cap.out
+        return code, out, cap.err
+
+    code, out, _ = cli("drift", "status", "--json")
+    assert code == 0 and out["ok"]
+    assert [d["device"] for d in out["devices"]] == ["d1", "d2"]
+    d1 = out["devices"][0]
+    assert d1["model"] == "tiny@1" and d1["window"] == 5 and d1["ks_max"] == pytest.approx(0.6)
+    assert d1["stats"]["ks_shift"] > 3
+    assert [(c["cohort"], c["devices"], c["alerting"]) for c in out["cohorts"]] == [
+        ("*|tiny@1", 2, 1)
+    ]
+    code, text, _ = cli("drift", "status", "--cohort", "tiny@1")
+    assert code == 0 and "d1" in text and "*|tiny@1" in text
+    code, out, _ = cli("drift", "status", "--cohort", "line-z|tiny@1", "--json")
+    assert code == 0 and out["devices"] == [] and out["cohorts"] == []
+    code, out, err = cli("drift", "status", "--cohort", "tiny", "--json")
+    assert code == 2 and out["ok"] is False and "TAG|MODEL@VERSION" in out["error"]["message"]
+
+    code, out, _ = cli("alerts", "list", "--open", "--json")
+    assert code == 0
+    (alert,) = out["alerts"]
+    assert (alert["device"], alert["rule"], alert["state"]) == ("d1", "ks_shift", "open")
+    code, out, _ = cli("alerts", "clear", str(alert["id"]), "--json")
+    assert code == 0 and out["cleared"] is True
+    code, out, _ = cli("alerts", "clear", str(alert["id"]), "--json")
+    assert code == 0 and out["cleared"] is False
+    code, out, _ = cli("alerts", "list", "--open", "--json")
+    assert out["alerts"] == []
+    code, text, err = cli("alerts", "clear", "999")
+    assert code == 12 and "no alert 999" in err and "Traceback" not in err
+    code, text, _ = cli("alerts", "list")
+    assert "cleared" in text and "d1" in text
+
+    # the drift goes on: the monitor notices the hand-cleared alert and opens a new one
+    mon.process([("d1", report(6, 0.6)), ("d2", report(6))])
+    for w in (7, 8):
+        mon.process([("d1", report(w, 0.6)), ("d2", report(w))])
+    code, out, _ = cli("alerts", "list", "--open", "--json")
+    assert [(a["device"], a["rule"]) for a in out["alerts"]] == [("d1", "ks_shift")]
+    assert out["alerts"][0]["id"] != alert["id"]
+
+    code, out, _ = cli("drift", "decisions", "--json")
+    assert code == 0 and [d["decision"] for d in out["decisions"]] == ["too_few_devices"]
+    registry.close()

@@ -91,6 +91,7 @@ def parse_sets(values: list[str] | None) -> dict[str, Any]:
 
 # Command modules register themselves on the apps above.
 from tinyfleet.host.cli import (  # noqa: E402,F401
+    cmd_drift,
     cmd_fl,
     cmd_fleet,
     cmd_models,
