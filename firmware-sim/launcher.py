@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 FDS_PER_DEVICE = 6
-"""Measured: a socket, the spool's database (+ journal while writing), model files; margin."""
+"""Measured 5.1 per device serving a model (socket, spool database, model files); margin."""
 FDS_PER_WORKER = 64
 """Python, libraries, the selector, the control socket."""
 RSS_PER_DEVICE = 1.0 * 1024 * 1024
