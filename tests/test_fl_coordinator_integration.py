@@ -130,6 +130,11 @@ def test_fl_run_registers_a_new_version_with_lineage(
                 "30",
                 "--local-epochs",
                 "2",
+                "--rollout",
+                "--rollout-waves",
+                "100%",
+                "--rollout-soak",
+                "0",
                 "--wait",
                 "--json",
             ]
@@ -172,5 +177,23 @@ def test_fl_run_registers_a_new_version_with_lineage(
 
         wait_until(all_stopped, 20)
         assert all(not a.fl.running for a in fleet.agents.values())
+
+        # --rollout: the gate-passing result goes to the cohort through a normal rollout,
+        # with the artifact the cohort runs
+        assert run["rollout_id"], run["reason"]
+        view = wait_until(
+            lambda: (
+                (v := service.orchestrator.view(run["rollout_id"])).row["state"]
+                in ("completed", "rolled_back", "aborted", "failed")
+                and v
+            ),
+            60,
+        )
+        assert view.row["state"] == "completed", view.row["reason"]
+        assert view.row["target"] == ["tag:line-a"] and view.row["version"] == 2
+        int8 = next(a for a in version.artifacts if (a.format, a.precision) == ("tflite", "int8"))
+        assert view.row["artifact_sha256"] == int8.sha256
+        served = {d: a.reported_state().active for d, a in fleet.agents.items()}
+        assert all(m is not None and m.version == 2 for m in served.values()), served
         timings = wait_until(lambda: service.fl.view(run["id"])["result"].get("timings_s"), 5)
         print(f"fl run wall time {elapsed:.1f} s; steps {timings}")

@@ -72,6 +72,12 @@ def fl_run(
             "--rollout", help="Roll a gate-passing result out to the cohort (default: leave it)."
         ),
     ] = False,
+    rollout_waves: Annotated[
+        str, typer.Option(help="Waves of that rollout (cumulative counts and percentages).")
+    ] = "1,10%,50%,100%",
+    rollout_soak: Annotated[
+        float, typer.Option(help="Seconds that rollout watches each wave.")
+    ] = 30.0,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run until it ends.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -91,6 +97,11 @@ def fl_run(
         min_samples=min_samples,
         enable_timeout_s=enable_timeout,
         auto_rollout=rollout,
+        rollout=(
+            {"waves": [w for w in rollout_waves.split(",") if w.strip()], "soak_s": rollout_soak}
+            if rollout
+            else {}
+        ),
     )
     if wait:
         _follow(coord, rid, json_out)
