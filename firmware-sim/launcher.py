@@ -132,8 +132,9 @@ def _read_json(path: Path) -> Any:
         raise SimStateError(f"{path}: unreadable ({exc}); remove it if no simulator runs") from None
 
 
-def _alive(pid: int | None, marker: str = "tinyfleet.sim.launcher") -> bool:
-    """Whether ``pid`` runs and is one of ours (its command line names the launcher)."""
+def _alive(pid: int | None, marker: str = "tinyfleet") -> bool:
+    """Whether ``pid`` runs and is one of ours (its command line names tinyfleet: the
+    launcher's processes, or ``tinyfleet sim up --foreground``), not a recycled pid."""
     if not pid:
         return False
     try:
