@@ -20,6 +20,7 @@ BENCHMARKS = {
     "ingest": "bench.ingest",
     "rollout": "bench.rollout",
     "agent": "bench.agent",
+    "drift": "bench.drift",
 }
 
 
