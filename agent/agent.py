@@ -50,7 +50,7 @@ from tinyfleet.agent.config import AgentConfig
 from tinyfleet.agent.drift_stats import DriftAccumulator
 from tinyfleet.agent.errors import ManifestError, SignatureError, TinyfleetError
 from tinyfleet.agent.faults import crash_point
-from tinyfleet.agent.fl.supervisor import SuperNodeSupervisor
+from tinyfleet.agent.fl.supervisor import SuperNodeSupervisor, count_labelled
 from tinyfleet.agent.labels import LabelBuffer, LabelError, check_label
 from tinyfleet.agent.link import BaseLinkHandler, BrokerConfig, Link, Will
 from tinyfleet.agent.manifest import ManifestArtifact, SignedManifest, verify_manifest
@@ -241,7 +241,10 @@ class Agent(BaseLinkHandler):
         # Federated retraining: a SuperNode driven by the desired state's ``fl``, supervised
         # from tick() (agent/fl/supervisor.py).
         self.fl = SuperNodeSupervisor(
-            state_dir=state, profile=self.profile, logger=self.log.getChild("fl")
+            state_dir=state,
+            profile=self.profile,
+            logger=self.log.getChild("fl"),
+            sample_counter=self._count_labels,
         )
         self.started = clock()
         self.phase = AgentPhase.IDLE
@@ -891,6 +894,16 @@ class Agent(BaseLinkHandler):
                     capacity=self.config.labels.capacity,
                 )
             return self._labels
+
+    def _count_labels(self, path: Path) -> int | None:
+        """Labelled samples, for the SuperNode supervisor: through the open buffer if any."""
+        buf = self._labels
+        if buf is None:
+            return count_labelled(path)
+        try:
+            return buf.count()
+        except LabelError:
+            return None
 
     def add_label(self, raw: np.ndarray, label: int) -> None:
         """Store a labelled sample: ``raw`` through the serving version's feature pipeline.

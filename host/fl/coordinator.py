@@ -264,6 +264,7 @@ class FLCoordinator:
         self._thread: threading.Thread | None = None
         self.current: str | None = None
         self._timings: dict[str, float] = {}
+        self._superlink: Any = None
 
     @property
     def workdir(self) -> Path:
@@ -495,7 +496,11 @@ class FLCoordinator:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop the thread; a run in progress fails ("the fleet service stopped"), fl cleared."""
         self._stop.set()
+        link = self._superlink
+        if link is not None:  # ends run_federated at once instead of after its rounds
+            self._stop_superlink(link)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -570,7 +575,7 @@ class FLCoordinator:
             self._timings = {}
             parent = self.registry.get(f"{req.model}")
             parent_run, weights = self._parent_model(parent)
-            superlink = self._start_superlink(run_id)
+            superlink = self._superlink = self._start_superlink(run_id)
             address = self._advertised(superlink)
             self._update(run_id, superlink=address)
             root = getattr(superlink, "root_certificates", None)
@@ -591,7 +596,7 @@ class FLCoordinator:
             t1 = time.monotonic()
             self._update(run_id, state="evaluating", result=self._result_json(result, running))
             self._stop_superlink(superlink)
-            superlink = None
+            superlink = self._superlink = None
             self._set_fl(enabled, None)
             enabled = []
             state = self._register(run_id, req, parent, parent_run, data, result, running)
@@ -613,6 +618,7 @@ class FLCoordinator:
                     self.log.exception("fl run %s: clearing fl on the devices failed", run_id)
             if superlink is not None:
                 self._stop_superlink(superlink)
+            self._superlink = None
             self.current = None
 
     # -- steps
@@ -928,6 +934,8 @@ class FLCoordinator:
             self.log.info("fl run %s: %s", run_id, values["state"])
 
     def _fail(self, run_id: str, reason: str) -> None:
+        if self._stop.is_set():
+            reason = f"the fleet service stopped ({reason})"
         self.log.warning("fl run %s failed: %s", run_id, reason)
         with Session(writer(self.engine)) as s, s.begin():
             row = s.get(FLRunRow, run_id)
