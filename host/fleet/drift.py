@@ -180,7 +180,7 @@ class DriftMonitor:
             self._thread.join(timeout)
         for sink in self.sinks:
             try:
-                sink.close(timeout)
+                sink.close(min(timeout, 3.0))  # a dead webhook must not hold up a stop
             except Exception:
                 self.log.exception("closing alert sink %r failed", sink)
 

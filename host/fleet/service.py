@@ -13,6 +13,7 @@ it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -202,6 +203,7 @@ class FleetService(BaseLinkHandler):
             "connected": self.link.connected,
             "link": vars(self.link.stats),
             "artifacts": self.artifacts.stats(),
+            "drift": dataclasses.asdict(self.drift.stats),
             "ingest": vars(self.ingest.stats)
             if hasattr(self.ingest.stats, "__dict__")
             else self.ingest.stats,
