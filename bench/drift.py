@@ -24,10 +24,12 @@ rate <= 0.1 % on >= 1,000 clean windows.
 
 from __future__ import annotations
 
+import pickle
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -284,8 +286,23 @@ def run(
     settings = DriftSettings()
     scenarios = scenarios or SCENARIOS
     t0 = time.perf_counter()
+    # The simulation is the slow part (~1 ms per inference window: sensor + features);
+    # its reports are cached so that re-tuning the rules re-runs only the rule engine.
+    key = f"d{devices}-w{window}-b{settings.baseline_windows}-s{SEED}-{CLEAN_MONITORED}-{PRE_ONSET}"
+    cache = Path(__file__).parent / "results" / f"drift-cache-{key}.pkl"
+    cached: dict[str, Any] = {}
+    if cache.is_file():
+        with cache.open("rb") as fh:
+            cached = pickle.load(fh)
     clf = build_classifier()
-    fleet = simulate_clean(clf, devices, window, settings.baseline_windows)
+    if "fleet" in cached:
+        fleet = cached["fleet"]
+    else:
+        fleet = simulate_clean(clf, devices, window, settings.baseline_windows)
+        cached["fleet"] = fleet
+        cache.parent.mkdir(exist_ok=True)
+        with cache.open("wb") as fh:
+            pickle.dump(cached, fh)
     t_clean = time.perf_counter() - t0
     rules = ", ".join(
         f"{r.name}: {r.statistic} > {r.threshold:g} on {r.k} of {r.m}" for r in settings.rules
@@ -310,7 +327,12 @@ def run(
     all_ok = True
     sweep_runs: list[tuple[str, dict[str, DeviceRun]]] = []
     for name, kw in scenarios.items():
-        drifted = drifted_runs(clf, fleet, window, kw)
+        drifted = cached.get(name) or drifted_runs(clf, fleet, window, kw)
+        cached[name] = drifted
+        cached["fleet"] = fleet
+        cache.parent.mkdir(exist_ok=True)
+        with cache.open("wb") as fh:
+            pickle.dump(cached, fh)
         r = evaluate(settings, fleet, drifted)
         spread = statistic_spread(settings, fleet, drifted, "ks_shift")
         r["ks_shift"] = spread
