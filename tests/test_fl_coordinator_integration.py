@@ -66,6 +66,7 @@ def test_fl_run_registers_a_new_version_with_lineage(
 ) -> None:
     _needs_flower()
     from tinyfleet.host.cli import main
+    from tinyfleet.host.fl.coordinator import CoordinatorOptions
     from tinyfleet.host.fleet.rollout import RolloutSpec
     from tinyfleet.host.pipeline import run_pipeline
 
@@ -93,6 +94,9 @@ def test_fl_run_registers_a_new_version_with_lineage(
         _fill_labels(cfg.paths.state_dir, cfg.device.id, seed=100 + i)
 
     with running_service(host) as service, running_fleet(configs) as fleet:
+        # the SuperLink over TLS (a CA made for the run) with SuperNode authentication:
+        # each device's own key, registered before the device is enabled
+        service.fl.options = CoordinatorOptions(tls=True, node_auth=True)
         wait_until(lambda: _online(host) == 3, 20)
         rid = service.orchestrator.create(
             RolloutSpec(
@@ -157,6 +161,9 @@ def test_fl_run_registers_a_new_version_with_lineage(
         assert fed["rounds"] == 2 and fed["strategy"] == "fedavg"
         assert len(fed["nodes"]) == 2 and fed["devices"] == ["fl-1", "fl-2"]
         assert fed["dropped"] == []
+        # node authentication maps Flower's node ids to devices
+        assert sorted(fed["node_devices"].values()) == ["fl-1", "fl-2"]
+        assert sorted(int(n) for n in fed["node_devices"]) == sorted(fed["nodes"])
         assert len(fed["round_metrics"]) == 2
         # the new float model is the parent's architecture with trained weights
         import keras  # type: ignore[import-untyped]

@@ -12,6 +12,9 @@ its timer (``Agent.tick``, never the MQTT callback thread); ``poll`` does the wo
   resets once it ran for a minute) if it dies while enabled;
 * restarts it when the SuperLink address, run or certificate change;
 * stops it when ``fl`` is disabled or absent, and on ``close``;
+* with ``node_auth``, authenticates the SuperNode with the device's own key pair
+  (``<state_dir>/fl/auth/supernode``, made on first use) and reports the public key
+  (``FLStatus.public_key``), also while not yet enabled, so the host can register it;
 * refuses, with a reason, when the device is MCU-class (it cannot train), when flwr
   is not installed (the agent's ``fl`` extra), or when the buffer holds fewer
   labelled samples than the run needs.
@@ -176,6 +179,7 @@ class SuperNodeSupervisor:
         self._samples: int | None = None
         self._counted_at: float | None = None
         self.restarts = 0
+        self._public_key: str | None = None
         self._status: FLStatus | None = None
         self.closed = False
 
@@ -229,6 +233,9 @@ class SuperNodeSupervisor:
         if self.closed:
             return events
         samples = self._samples_now(now, force=changed)
+        self._public_key = None
+        if want is not None and want.node_auth and self.profile.kind != "mcu":
+            self._public_key = self._node_key()[1].read_text().strip()
         if want is None or not want.enabled:
             if self._proc is not None:
                 self._stop()
@@ -236,13 +243,16 @@ class SuperNodeSupervisor:
                     (EventKind.FL_STOPPED, "SuperNode stopped: federated retraining disabled")
                 )
             self._failures = 0
-            if self._ever_enabled or samples:
+            if self._public_key is not None and want is not None:
+                # node_auth announced before enabling: the host registers the key first
+                self._set(FLState.DISABLED, None, run=want.run, samples=samples)
+            elif self._ever_enabled or samples:
                 self._set(FLState.DISABLED, None, samples=samples)
             else:
                 with self._lock:
                     self._status = None
             return events
-        key = (want.superlink, want.run, want.root_certificates)
+        key = (want.superlink, want.run, want.root_certificates, want.node_auth)
         if self._proc is not None and self._proc_key != key:
             self._stop()
             events.append((EventKind.FL_STOPPED, "SuperNode stopped: settings changed"))
@@ -328,12 +338,25 @@ class SuperNodeSupervisor:
         }
         if root is not None:
             kw["root_certificates"] = root
+        if want.node_auth:
+            kw["auth_private_key"] = self._node_key()[0]
         if self.env is not None:
             kw["env"] = self.env
         proc = self._factory(**kw)
         proc.start()
         self._proc = proc
         self._proc_key = key
+
+    def _node_key(self) -> tuple[Path, Path]:
+        """The device's SuperNode key pair (private, public), made on first use."""
+        private = self.workdir / "auth" / "supernode"
+        public = private.with_name("supernode.pub")
+        if not (private.is_file() and public.is_file()):
+            from tinyfleet.agent.fl.supernode import generate_node_keys
+
+            generate_node_keys(private.parent, private.name)
+            self.log.info("SuperNode key pair created in %s", private.parent)
+        return private, public
 
     def _stop(self) -> None:
         proc, self._proc, self._proc_key = self._proc, None, None
@@ -372,6 +395,7 @@ class SuperNodeSupervisor:
             run=run,
             samples=samples,
             restarts=self.restarts,
+            public_key=self._public_key,
         )
         with self._lock:
             self._status = status

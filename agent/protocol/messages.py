@@ -240,6 +240,14 @@ Pem = Annotated[
 ]
 
 
+SshPublicKey = Annotated[
+    str,
+    StringConstraints(
+        max_length=1000, pattern=r"^ecdsa-sha2-nistp(256|384|521) [A-Za-z0-9+/]+={0,2}( [^\n]*)?$"
+    ),
+]
+
+
 class FLSettings(_Part):
     """Federated retraining participation: run a Flower SuperNode against ``superlink``."""
 
@@ -259,6 +267,11 @@ class FLSettings(_Part):
     root_certificates: Pem | None = Field(
         default=None,
         description="PEM root certificate(s) of the SuperLink's TLS; absent: insecure (rev 2).",
+    )
+    node_auth: bool = Field(
+        default=False,
+        description="The SuperNode authenticates with the device's own key pair; the agent "
+        "reports the public key (FLStatus.public_key) so the host can register it (rev 2).",
     )
 
     @model_validator(mode="after")
@@ -464,6 +477,10 @@ class FLStatus(_Part):
         default=None, description="Labelled samples in the device's buffer (absent: unknown)."
     )
     restarts: Count = Field(default=0, description="Times the SuperNode was restarted.")
+    public_key: SshPublicKey | None = Field(
+        default=None,
+        description="The device's SuperNode public key (OpenSSH), when node_auth is asked for.",
+    )
 
 
 class ReportedState(Message):

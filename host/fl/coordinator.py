@@ -182,9 +182,37 @@ class FLRequest(BaseModel):
 
 
 class CoordinatorOptions(BaseModel):
-    """Where the SuperLink listens and how devices reach it."""
+    """Where the SuperLink listens, how devices reach it, how it is secured."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> CoordinatorOptions:
+        """Options from ``TINYFLEET_FL_<OPTION>`` (``SUPERLINK_HOST``, ``ADVERTISE_HOST``,
+        ``TLS``, ``NODE_AUTH``); ``ConfigError`` for a bad value."""
+        import os
+
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in ("superlink_host", "advertise_host", "tls", "node_auth"):
+            raw = env.get(f"TINYFLEET_FL_{name.upper()}")
+            if raw is not None:
+                values[name] = raw
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            from tinyfleet.host.errors import ConfigError
+
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "node_auth"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            raise ConfigError(f"TINYFLEET_FL_{where.upper()}: {msg}") from None
+
+    @model_validator(mode="after")
+    def _auth_needs_tls(self) -> CoordinatorOptions:
+        if self.node_auth and not self.tls:
+            raise ValueError("node_auth needs tls")
+        return self
 
     superlink_host: str = Field("127.0.0.1", description="Address the SuperLink binds to.")
     advertise_host: str | None = Field(
@@ -193,6 +221,16 @@ class CoordinatorOptions(BaseModel):
     poll_s: float = Field(1.0, gt=0.0, description="How often the thread looks for new runs.")
     workdir: Path | None = Field(
         None, description="SuperLink state and run files (default <home>/fl)."
+    )
+    tls: bool = Field(
+        False,
+        description="Serve the SuperLink over TLS with a private CA made for each run; "
+        "devices get the CA in FLSettings.root_certificates.",
+    )
+    node_auth: bool = Field(
+        False,
+        description="SuperNode authentication (needs tls): each device's own key pair, "
+        "registered with the SuperLink before the device is enabled.",
     )
     retrain: dict[str, Any] = Field(
         default_factory=dict,
@@ -255,7 +293,7 @@ class FLCoordinator:
         self.fleet = settings.fleet
         self.desired = desired
         self.orchestrator = orchestrator
-        self.options = options or CoordinatorOptions()
+        self.options = options or CoordinatorOptions.from_env()
         self.log = logger or logging.getLogger("tinyfleet.host.fl")
         self._superlink_factory = superlink_factory
         self._runner = runner
@@ -265,6 +303,7 @@ class FLCoordinator:
         self.current: str | None = None
         self._timings: dict[str, float] = {}
         self._superlink: Any = None
+        self._node_ids: dict[str, int] = {}
 
     @property
     def workdir(self) -> Path:
@@ -573,6 +612,7 @@ class FLCoordinator:
             self._update(run_id, state="enabling", started_at=utcnow())
             t0 = time.monotonic()
             self._timings = {}
+            self._node_ids = {}
             parent = self.registry.get(f"{req.model}")
             parent_run, weights = self._parent_model(parent)
             superlink = self._superlink = self._start_superlink(run_id)
@@ -586,8 +626,15 @@ class FLCoordinator:
                 min_samples=req.min_samples,
                 root_certificates=None if root is None else Path(root).read_text(),
             )
-            enabled = self._set_fl(devices, fl)
-            running, refused = self._wait_running(run_id, enabled, req)
+            if getattr(superlink, "supernode_auth", False):
+                fl = fl.model_copy(update={"node_auth": True})
+                announced = fl.model_copy(update={"enabled": False})
+                enabled = self._set_fl(devices, announced)
+                _, unregistered = self._register_nodes(superlink, run_id, enabled, req)
+                self._update(run_id, excluded_add=unregistered)
+                devices = sorted(self._node_ids)
+            enabled = sorted({*enabled, *self._set_fl(devices, fl)})
+            running, refused = self._wait_running(run_id, devices, req)
             self._timings["enabling"] = round(time.monotonic() - t0, 2)
             self._update(run_id, state="training", devices=running, excluded_add=refused)
             data = self._parent_data(parent_run)
@@ -665,9 +712,17 @@ class FLCoordinator:
         if self._superlink_factory is not None:
             link = self._superlink_factory(workdir)
         else:
-            from tinyfleet.host.fl.superlink import SuperLink
+            from tinyfleet.host.fl.superlink import SuperLink, generate_tls_files
 
-            link = SuperLink(workdir, host=self.options.superlink_host)
+            opts = self.options
+            tls = None
+            if opts.tls:
+                hosts = {opts.superlink_host, opts.advertise_host or opts.superlink_host}
+                hosts.discard("0.0.0.0")
+                tls = generate_tls_files(workdir / "pki", hosts=(*sorted(hosts), "localhost"))
+            link = SuperLink(
+                workdir, host=opts.superlink_host, tls=tls, supernode_auth=opts.node_auth
+            )
         link.start()
         return link
 
@@ -718,6 +773,48 @@ class FLCoordinator:
         for d, payload in changed:
             self.desired.publish(d, payload)
         return [d for d, _ in changed]
+
+    def _register_nodes(
+        self, superlink: Any, run_id: str, devices: list[str], req: FLRequest
+    ) -> tuple[dict[str, int], dict[str, str]]:
+        """Node authentication: register each device's reported public key; device → node id."""
+        deadline = time.monotonic() + req.enable_timeout_s
+        keys: dict[str, str] = {}
+        while not self._stop.is_set():
+            with Session(self.engine) as s:
+                for r in s.scalars(
+                    select(DeviceRow).where(
+                        DeviceRow.fleet == self.fleet, DeviceRow.device.in_(devices)
+                    )
+                ):
+                    fl = (r.reported or {}).get("fl") or {}
+                    if fl.get("run") == run_id and fl.get("public_key"):
+                        keys[r.device] = str(fl["public_key"])
+            if len(keys) == len(devices) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        folder = self.workdir / "keys" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        node_ids: dict[str, int] = {}
+        missing: dict[str, str] = {}
+        for d in devices:
+            if d not in keys:
+                missing[d] = f"no SuperNode public key reported within {req.enable_timeout_s:g} s"
+                continue
+            path = folder / f"{d}.pub"
+            path.write_text(keys[d] + "\n")
+            try:
+                node_ids[d] = int(superlink.register_node(path, name=d))
+            except TinyfleetError as exc:
+                missing[d] = f"public key not registered: {exc}"[:500]
+        if len(node_ids) < req.min_clients:
+            why = "; ".join(f"{d}: {r}" for d, r in sorted(missing.items())[:10])
+            raise _RunFailed(
+                f"{len(node_ids)} device(s) registered a SuperNode key, the run needs "
+                f"{req.min_clients}" + (f"; {why}" if why else "")
+            )
+        self._node_ids = node_ids
+        return node_ids, missing
 
     def _wait_running(
         self, run_id: str, devices: list[str], req: FLRequest
@@ -776,8 +873,7 @@ class FLCoordinator:
         config = FLRunConfig(**{k: v for k, v in req.flower_config().items() if k in fields})
         return run_federated(superlink, config, weights, validation, workdir)
 
-    @staticmethod
-    def _result_json(result: Any, devices: list[str]) -> dict[str, Any]:
+    def _result_json(self, result: Any, devices: list[str]) -> dict[str, Any]:
         return {
             "flower_run_id": _jsonable(getattr(result, "run_id", None)),
             "nodes": _jsonable(getattr(result, "nodes", [])),
@@ -787,6 +883,7 @@ class FLCoordinator:
             "initial_val_acc": _jsonable(getattr(result, "initial_val_acc", None)),
             "final_val_acc": _jsonable(getattr(result, "final_val_acc", None)),
             "seconds": _jsonable(getattr(result, "seconds", None)),
+            "node_devices": {str(n): d for d, n in sorted(self._node_ids.items())},
         }
 
     def _register(
@@ -830,6 +927,7 @@ class FLCoordinator:
             "strategy": req.strategy,
             "nodes": result_json["nodes"],
             "devices": devices,
+            "node_devices": result_json["node_devices"],
             "dropped": result_json["dropped"],
             "round_metrics": result_json["round_metrics"],
             "initial_val_acc": result_json["initial_val_acc"],
