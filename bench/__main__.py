@@ -21,6 +21,7 @@ BENCHMARKS = {
     "rollout": "bench.rollout",
     "agent": "bench.agent",
     "drift": "bench.drift",
+    "fl": "bench.fl",
 }
 
 

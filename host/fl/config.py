@@ -124,13 +124,16 @@ class RoundMetrics(BaseModel):
     val_loss: float | None = None
     val_acc: float | None = None
     """The aggregated weights on the host's validation set."""
+    round_s: float = 0.0
+    """The whole round in the ServerApp: sampling, train (and evaluate) phase, aggregation,
+    validation."""
     wall_s: float = 0.0
-    """Push of the round's messages to the last reply (or the deadline)."""
+    """The train phase: push of the round's messages to the last reply (or the deadline)."""
     aggregate_s: float = 0.0
     compute_max_s: float = 0.0
     """Slowest aggregated node's local compute (load + evaluate + train)."""
     overhead_s: float = 0.0
-    """``wall_s - compute_max_s``: what orchestration cost this round."""
+    """``round_s - compute_max_s``: what orchestration cost this round."""
     timed_out: bool = False
 
 

@@ -190,6 +190,7 @@ class _Guard:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         cfg = self.run_cfg
+        t_round = time.monotonic()
         nodes = self._wait_nodes(grid)
         # A node that missed the last round's deadline sits this round out (the SuperLink
         # lists a crashed node as online until its heartbeats lapse) unless that would
@@ -202,7 +203,7 @@ class _Guard:
         config["server-round"] = server_round
         if cfg.strategy == "fedprox":
             config["proximal-mu"] = cfg.proximal_mu
-        self.current = {"round": server_round, "sampled": sampled}
+        self.current = {"round": server_round, "sampled": sampled, "t0": t_round}
         record = FlwrRecordDict({"arrays": arrays, "config": config})
         return [
             Message(content=record, dst_node_id=n, message_type=MessageType.TRAIN) for n in sampled
@@ -365,9 +366,10 @@ def run_server(grid: Grid, job: FLJob, run_id: int) -> FLResultFile:
                 sum(c.num_examples * (c.eval_acc or 0.0) for c in clients) / n_total
             )
             rm.compute_max_s = max(c.compute_s or 0.0 for c in clients)
-        rm.overhead_s = max(0.0, rm.wall_s - rm.compute_max_s)
         if val is not None:
             rm.val_loss, rm.val_acc = evaluate(weights, *val)
+        rm.round_s = time.monotonic() - float(cur.get("t0", time.monotonic()))
+        rm.overhead_s = max(0.0, rm.round_s - rm.compute_max_s)
         rounds.append(rm)
         nodes_seen.update(rm.aggregated)
         # a round without any usable update keeps the previous weights (Flower does too)
