@@ -75,8 +75,8 @@ def test_ten_percent_killed_mid_rollout(
                 offline_grace_s=1.0,
             )
             rid = start_rollout(
-                service, "tiny@1", ["all"], waves=["1", "100%"], soak_s=2.0,
-                wave_timeout_s=6.0, rules=rules,
+                service, "tiny@1", ["all"], waves=["1", "100%"], soak_s=1.5,
+                wave_timeout_s=4.0, rules=rules,
             )  # fmt: skip
             # mid-rollout: the canary is done and soaking, the other 39 not yet sent
             wait_until(lambda: service.orchestrator.view(rid).row["state"] == "soaking", 30)
