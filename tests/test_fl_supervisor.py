@@ -242,8 +242,11 @@ def test_real_supernode_started_restarted_after_sigkill_and_stopped(tmp_path: Pa
         sup.configure(FLSettings(enabled=True, superlink=link.address, run="fl-real"))
         assert kinds(sup.poll()) == [EventKind.FL_STARTED]
         node = sup.process
+        assert sup.status().state is FLState.STARTING  # type: ignore[union-attr]
         first_id = node.wait_connected(30)
         assert first_id > 0
+        sup.poll()
+        assert sup.status().state is FLState.RUNNING  # type: ignore[union-attr]
         tree = [node.pid, *descendants(node.pid)]
 
         node.kill()  # SIGKILL: a crash

@@ -7,7 +7,8 @@ that to ``SuperNodeSupervisor.configure`` (cheap, any thread) and calls ``poll``
 its timer (``Agent.tick``, never the MQTT callback thread); ``poll`` does the work:
 
 * starts a SuperNode (``tinyfleet.agent.fl.supernode.SuperNodeProcess``) whose
-  node-config ``data-path`` is the agent's labelled buffer (``<state_dir>/labels.db``);
+  node-config ``data-path`` is the agent's labelled buffer (``<state_dir>/labels.db``),
+  reported ``starting`` until the node has registered with the SuperLink, then ``running``;
 * restarts it with exponential backoff (full jitter, 1 s doubling to 60 s; the count
   resets once it ran for a minute) if it dies while enabled;
 * restarts it when the SuperLink address, run or certificate change;
@@ -173,6 +174,7 @@ class SuperNodeSupervisor:
         self._ever_enabled = False
         self._proc: Any = None
         self._proc_key: tuple[Any, ...] | None = None
+        self._proc_connected = False
         self._started_at = 0.0
         self._failures = 0
         self._next_start = 0.0
@@ -287,7 +289,8 @@ class SuperNodeSupervisor:
             events.append(
                 (EventKind.FL_STARTED, f"SuperNode started for {want.superlink} (run {want.run})")
             )
-            self._set(FLState.RUNNING, None, run=want.run, samples=samples)
+            state = FLState.RUNNING if self._connected() else FLState.STARTING
+            self._set(state, None, run=want.run, samples=samples)
             return events
         if not _alive(self._proc):
             code = _exit_code(self._proc)
@@ -300,8 +303,23 @@ class SuperNodeSupervisor:
             return events
         if self._failures and now - self._started_at >= self.stable_s:
             self._failures = 0
-        self._set(FLState.RUNNING, None, run=want.run, samples=samples)
+        state = FLState.RUNNING if self._connected() else FLState.STARTING
+        self._set(state, None, run=want.run, samples=samples)
         return events
+
+    def _connected(self) -> bool:
+        """Whether the SuperNode has registered with the SuperLink (``starting`` until then)."""
+        if self._proc_connected:
+            return True
+        node_id = getattr(self._proc, "node_id", None)
+        if not callable(node_id):
+            self._proc_connected = True  # a process that cannot tell: running once started
+        else:
+            try:
+                self._proc_connected = node_id() is not None
+            except Exception:
+                self._proc_connected = False
+        return self._proc_connected
 
     def _samples_now(self, now: float, *, force: bool) -> int | None:
         if force or self._counted_at is None or now - self._counted_at >= self.count_every_s:
@@ -345,6 +363,7 @@ class SuperNodeSupervisor:
         proc = self._factory(**kw)
         proc.start()
         self._proc = proc
+        self._proc_connected = False
         self._proc_key = key
 
     def _node_key(self) -> tuple[Path, Path]:
