@@ -63,7 +63,11 @@ BACKOFF_CAP_S = 60.0
 STABLE_S = 60.0
 """A SuperNode that ran this long resets the backoff."""
 COUNT_EVERY_S = 30.0
-"""How often the labelled buffer is counted (it is counted at once when ``fl`` changes)."""
+"""How often the labelled buffer is counted while ``fl`` is enabled (and at once when it
+changes)."""
+IDLE_COUNT_EVERY_S = 600.0
+"""How often it is counted otherwise: a changed count is a new report, and a fleet of idle
+devices collecting labels should not republish its reported state every 30 s."""
 STOP_TIMEOUT_S = 5.0
 
 Event = tuple[EventKind, str]
@@ -145,6 +149,7 @@ class SuperNodeSupervisor:
         backoff_cap_s: float = BACKOFF_CAP_S,
         stable_s: float = STABLE_S,
         count_every_s: float = COUNT_EVERY_S,
+        idle_count_every_s: float = IDLE_COUNT_EVERY_S,
         clock: Callable[[], float] = time.monotonic,
         logger: logging.Logger | None = None,
         process_factory: Callable[..., Any] | None = None,
@@ -161,6 +166,7 @@ class SuperNodeSupervisor:
         self.backoff_cap_s = backoff_cap_s
         self.stable_s = stable_s
         self.count_every_s = count_every_s
+        self.idle_count_every_s = idle_count_every_s
         self.clock = clock
         self.log = logger or logging.getLogger("tinyfleet.agent.fl")
         self._factory = process_factory or _default_process
@@ -234,7 +240,8 @@ class SuperNodeSupervisor:
         now = self.clock()
         if self.closed:
             return events
-        samples = self._samples_now(now, force=changed)
+        idle = want is None or not want.enabled
+        samples = self._samples_now(now, force=changed, idle=idle)
         self._public_key = None
         if want is not None and want.node_auth and self.profile.kind != "mcu":
             self._public_key = self._node_key()[1].read_text().strip()
@@ -321,8 +328,9 @@ class SuperNodeSupervisor:
                 self._proc_connected = False
         return self._proc_connected
 
-    def _samples_now(self, now: float, *, force: bool) -> int | None:
-        if force or self._counted_at is None or now - self._counted_at >= self.count_every_s:
+    def _samples_now(self, now: float, *, force: bool, idle: bool) -> int | None:
+        every = self.idle_count_every_s if idle else self.count_every_s
+        if force or self._counted_at is None or now - self._counted_at >= every:
             self._samples = self._count(self.data_path)
             self._counted_at = now
         return self._samples
