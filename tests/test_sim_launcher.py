@@ -79,14 +79,14 @@ def test_up_status_chaos_down(
         wait_until(lambda: summary()["connected"] == 12 and summary()["killed"] == 0, 20)
 
         victim = killed[0]
-        code, res, _ = _run(capfd, *base, "chaos", "disconnect", "-d", victim, "--for", "2")
+        code, res, _ = _run(capfd, *base, "chaos", "disconnect", "-d", victim, "--for", "5")
         assert code == 0
 
         def dev(d: str) -> dict[str, Any]:
             return next(x for x in launcher.status(Path(home))["device_status"] if x["device"] == d)
 
         assert not dev(victim)["connected"] and "disconnected" in dev(victim)["chaos"]
-        time.sleep(1.0)
+        time.sleep(1.5)
         assert not dev(victim)["connected"]  # no reconnect before the time is up
         wait_until(lambda: dev(victim)["connected"], 10)
 

@@ -75,7 +75,7 @@ def test_ten_percent_killed_mid_rollout(
                 offline_grace_s=1.0,
             )
             rid = start_rollout(
-                service, "tiny@1", ["all"], waves=["1", "100%"], soak_s=1.5,
+                service, "tiny@1", ["all"], waves=["1", "100%"], soak_s=3.0,
                 wave_timeout_s=4.0, rules=rules,
             )  # fmt: skip
             # mid-rollout: the canary is done and soaking, the other 39 not yet sent
