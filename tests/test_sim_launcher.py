@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fleet_support import make_host, wait_until
 from mqtt_broker import MosquittoBroker
+from mqtt_broker import mosquitto_factory_fixture as mosquitto_factory_fixture
 from mqtt_broker import mosquitto_fixture as mosquitto_fixture
 
 from tinyfleet.host.cli import main
@@ -179,3 +180,34 @@ def test_bad_input_is_one_line(
     monkeypatch.setattr(launcher, "_mem_available", lambda: 1000 * 2**20)
     with pytest.raises(launcher.FleetSizeError, match=r"~1,160 MB.*1,000 MB are available"):
         launcher.check_capacity(1000, 2)
+
+
+def test_devices_use_their_own_broker_credentials(
+    tmp_path: Path, mosquitto_factory: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    ids = ["sim-00000", "sim-00001", "sim-00002"]
+    users = {d: f"pw-{d}" for d in ids}
+    broker = mosquitto_factory(users=users)
+    host = make_host(tmp_path / "home", broker)
+    home = tmp_path / "home"
+    pw = tmp_path / "passwords"
+    pw.mkdir()
+    for d in ids[:2]:
+        (pw / d).write_text(users[d] + "\n")
+    args = ["--home", str(home), "sim", "up", "--devices", "3", "--workers", "1"]
+    args += ["--broker", host.settings.broker_url, "--password-dir", str(pw)]
+    assert main(args) == 3  # one device has no password file: refused before starting
+    assert "no password file for sim-00002" in capfd.readouterr().err
+    (pw / ids[2]).write_text("wrong\n")  # a wrong password: that device alone stays out
+    assert main(args) == 0, capfd.readouterr().err
+    try:
+        wait_until(lambda: launcher.status(home)["summary"]["connected"] == 2, 20)
+        time.sleep(1.0)
+        by = {d["device"]: d["connected"] for d in launcher.status(home)["device_status"]}
+        assert by == {"sim-00000": True, "sim-00001": True, "sim-00002": False}
+        (pw / ids[2]).write_text(users[ids[2]] + "\n")  # fixed: read again at restart
+        launcher.chaos(home, "kill", devices=[ids[2]])
+        launcher.chaos(home, "restart", devices=[ids[2]])
+        wait_until(lambda: launcher.status(home)["summary"]["connected"] == 3, 20)
+    finally:
+        launcher.down(home)
