@@ -477,7 +477,8 @@ class ScenarioFeed:
         self.clock = clock
         self.start_epoch = clock() if start_epoch is None else start_epoch
         seed = scenario.fleet.seed
-        self.devices = [d for d in scenario.device_ids() if d in set(fleet.configs)]
+        mine = set(fleet.configs)
+        self.devices = [d for d in scenario.device_ids() if d in mine]
         n = len(self.devices)
         self.index = {d: i for i, d in enumerate(self.devices)}
         params = [DeviceParams.for_device(d, seed) for d in self.devices]
