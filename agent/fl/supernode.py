@@ -25,8 +25,12 @@ from tinyfleet.agent.fl.process import ManagedProcess, flower_command, flower_en
 
 __all__ = ["DEFAULT_POLL_INTERVAL", "SuperNodeProcess", "generate_node_keys", "log_reason"]
 
-DEFAULT_POLL_INTERVAL = 0.05
-"""Seconds between the SuperExec's task polls (Flower's default is 1 s)."""
+DEFAULT_POLL_INTERVAL = 0.2
+"""Seconds between the SuperExec's task polls (Flower's default is 1 s).
+
+Measured on the 2-core bench machine, an idle SuperNode with its SuperExec costs
+~7.8 % of a core at 0.05 s, ~1.9 % at 0.2 s and ~0.6 % at 1 s: 0.2 s adds ~0.1 s
+per round on average and leaves the cores to the ClientApps."""
 
 NodeConfigValue = str | int | float | bool
 
