@@ -319,3 +319,102 @@ def test_a_run_whose_parent_model_is_gone_fails_with_the_reason(world: World) ->
     assert view["state"] == "failed"
     assert view["reason"] == "enabling: tiny@1 names no run folder in its lineage"
     assert world.stored("f-1").desired.fl is None  # never enabled
+
+
+def _register_with_run(world: World, tflite: Path, run_name: str) -> Any:
+    """A version whose lineage names a run folder with a float Keras model and data."""
+    import types
+
+    import keras  # type: ignore[import-untyped]
+    import numpy as np
+    from agent_support import N_CLASSES, N_FEATURES, reference_inputs
+
+    from tinyfleet.agent import drift
+    from tinyfleet.agent.manifest import digest
+    from tinyfleet.agent.runtime import load_model
+    from tinyfleet.host.registry import NewArtifact
+
+    run = world.settings.runs_dir / run_name
+    run.mkdir(parents=True)
+    model = keras.Sequential(
+        [
+            keras.Input((N_FEATURES,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(N_CLASSES, activation="softmax"),
+        ]
+    )
+    model.save(run / "model.keras")
+    x, y = reference_inputs()
+    np.savez(run / "data.npz", x_cal=x, x_val=x, y_val=y, x_eval=x, y_eval=y)
+    m = load_model(tflite, "tflite")
+    probs = m.predict(x)
+    hx, hy = drift.pick_health_inputs(x, y, per_class=2)
+    expected = m.predict(hx)
+    spec_in, spec_out = m.input_spec, m.output_spec
+    m.close()
+    sha, _ = digest(tflite)
+    bundle = drift.ReferenceBundle(
+        profile=drift.build_profile(x, probs),
+        health=drift.health_reference(hx, hy, {sha: expected}),
+    ).to_bytes()
+    info = world.registry.register(
+        model="tiny",
+        artifacts=[
+            NewArtifact(
+                path=tflite, format="tflite", precision="float32", input=spec_in, output=spec_out
+            )
+        ],
+        reference=bundle,
+        lineage={"run": run_name},
+        metrics={},
+        gates=[],
+        passed=True,
+        rejection_reasons=[],
+        preprocess="identity",
+        classes=[str(i) for i in range(N_CLASSES)],
+        signer=world.signer,
+        created_by="tests",
+        parent_version=None,
+    )
+    return types.SimpleNamespace(model="tiny", number=info.number, sha256=sha, info=info)
+
+
+def test_devices_that_never_start_a_supernode_fail_the_run_and_fl_is_cleared(
+    world: World, tmp_path: Path
+) -> None:
+    """A real SuperLink is started; no device reports a running SuperNode in time."""
+    import socket
+
+    try:
+        from tinyfleet.agent.fl.process import flower_command
+
+        flower_command("flower-superlink")
+    except Exception as exc:
+        pytest.skip(f"Flower not available: {exc}")
+    world.v3 = _register_with_run(world, tmp_path / "m1.tflite", "tiny-run")  # type: ignore[attr-defined]
+    world.device("g-1", version="v3")
+    world.device("g-2", version="v3")
+    rid = world.coord.request("tag:line-a", 2, "fedavg", model="tiny@3", enable_timeout_s=1.0)
+    assert world.coord.execute(rid) == "failed"
+    view = world.coord.view(rid)
+    assert view["reason"].startswith(
+        "enabling: 0 device(s) started a SuperNode, the run needs 2; "
+        "g-1: no running SuperNode reported within 1 s"
+    ), view["reason"]
+    # fl was set (with the SuperLink's address and the run), then cleared again
+    host, _, port = view["superlink"].rpartition(":")
+    sent = [SignedDesiredState.model_validate_json(p).desired for _, p in world.link.sent]
+    assert [(d.device, d.fl is not None) for d in sent] == [
+        ("g-1", True),
+        ("g-2", True),
+        ("g-1", False),
+        ("g-2", False),
+    ]
+    assert (
+        sent[0].fl is not None
+        and sent[0].fl.run == rid
+        and sent[0].fl.superlink == view["superlink"]
+    )
+    assert world.stored("g-1").desired.fl is None and world.stored("g-2").desired.fl is None
+    with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=1):
+        pass  # the SuperLink is gone
