@@ -163,6 +163,31 @@ def test_close_stops_the_node_and_later_polls_do_nothing(tmp_path: Path) -> None
     assert sup.poll() == [] and len(Sleeper.made) == 1
 
 
+def test_a_supernode_left_by_a_killed_agent_is_stopped_by_the_next_one(tmp_path: Path) -> None:
+    """The node runs in its own session and outlives a SIGKILLed agent (its pid file stays)."""
+
+    class Orphan(Sleeper):
+        def __init__(self, tmp: Path, **kw: Any) -> None:
+            super().__init__(tmp, **kw)
+            # what /proc/<pid>/cmdline shows for the real node
+            self.proc.command += ["flower-supernode"]
+
+        @property
+        def pid(self) -> int | None:
+            return self.proc.pid
+
+    sup = _supervisor(tmp_path, process_factory=lambda **k: Orphan(tmp_path, **k))
+    sup.configure(ENABLED)
+    assert kinds(sup.poll()) == [EventKind.FL_STARTED]
+    orphan = Sleeper.made[0]
+    pid_file = tmp_path / "state" / "fl" / "supernode.pid"
+    assert pid_file.read_text().strip() == str(orphan.proc.pid)
+    # the agent dies without close(): a new agent's supervisor finds the node and stops it
+    SuperNodeSupervisor(state_dir=tmp_path / "state", profile=get_profile("rpi4"))
+    orphan.proc.proc.wait(5)  # type: ignore[union-attr]
+    assert not orphan.alive() and not pid_file.exists()
+
+
 def test_agent_reports_a_refusal_from_its_desired_state(tmp_path: Path) -> None:
     """A signed desired state with fl reaches an MCU agent's supervisor; the report says why."""
     from datetime import UTC, datetime

@@ -31,9 +31,12 @@ out of ``poll``: a failure to start counts as an exit and is retried.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -190,6 +193,8 @@ class SuperNodeSupervisor:
         self._public_key: str | None = None
         self._status: FLStatus | None = None
         self.closed = False
+        self._pid_file = self.workdir / "supernode.pid"
+        self._reap_orphan()
 
     # ------------------------------------------------------------------ inputs
 
@@ -372,6 +377,9 @@ class SuperNodeSupervisor:
         proc.start()
         self._proc = proc
         self._proc_connected = False
+        pid = getattr(proc, "pid", None)
+        if isinstance(pid, int):
+            self._pid_file.write_text(f"{pid}\n")
         self._proc_key = key
 
     def _node_key(self) -> tuple[Path, Path]:
@@ -395,6 +403,30 @@ class SuperNodeSupervisor:
             proc.stop()
         except Exception:
             self.log.exception("stopping the SuperNode failed")
+        self._pid_file.unlink(missing_ok=True)
+
+    def _reap_orphan(self) -> None:
+        """Stop a SuperNode left running by an agent process that died (its pid file).
+
+        The node runs in its own session, so it outlives a killed agent; a restarted
+        agent would otherwise run a second node for the same device.
+        """
+        try:
+            pid = int(self._pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            cmdline = b""
+        if b"flower-supernode" in cmdline:
+            from tinyfleet.agent.fl.process import descendants
+
+            for p in [pid, *descendants(pid)]:
+                with contextlib.suppress(OSError):
+                    os.kill(p, signal.SIGKILL)
+            self.log.warning("stopped SuperNode %d left running by an earlier agent process", pid)
+        self._pid_file.unlink(missing_ok=True)
 
     def _schedule_restart(self, now: float) -> float:
         self.restarts += 1
