@@ -116,3 +116,19 @@ def test_unsupported_models_and_bad_data(tmp_path) -> None:  # type: ignore[no-u
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(FLDataError, match="cannot read"):
         load_local_data(tmp_path / "junk.npz")
+
+
+def test_device_side_does_not_import_flower_or_tensorflow() -> None:
+    """Only the ClientApp module (run inside flwr-clientapp) imports flwr."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import tinyfleet.agent.fl, tinyfleet.agent.fl.supernode, tinyfleet.agent.fl.trainer\n"
+        "import tinyfleet.agent.fl.data, tinyfleet.agent.fl.process\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('flwr', 'tensorflow', 'keras')"
+        " or m.startswith('tinyfleet.host')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
