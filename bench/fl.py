@@ -32,6 +32,7 @@ with 8; a ClientApp that starts in ≤ 0.5 s; FL within 2 points of centralised.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
@@ -110,7 +111,19 @@ def _summary(res: FLResult) -> dict[str, Any]:
     warm = res.rounds[1:] or res.rounds
     starts = [c.startup_s for r in warm for c in r.clients if c.startup_s is not None]
     bytes_node = [c.bytes_down + c.bytes_up for r in warm for c in r.clients]
+    # the slowest node's reply, split: Flower's polls and transfers (the SuperNode's 3 s idle
+    # sleep and 0.5 s reply poll, the SuperExec's task poll) vs the ClientApp process start
+    polling, starting = [], []
+    for r in warm:
+        timed = [c for c in r.clients if c.reply_s is not None]
+        if timed:
+            c = max(timed, key=lambda c: c.reply_s or 0.0)
+            polling.append((c.reply_s or 0.0) - (c.startup_s or 0.0) - (c.compute_s or 0.0))
+            starting.append(c.startup_s or 0.0)
     return {
+        "polling_transfer_s": statistics.median(polling) if polling else None,
+        "slowest_start_s": statistics.median(starting) if starting else None,
+        "server_side_s": statistics.median(r.round_s - r.wall_s for r in warm),
         "round_s": statistics.median(r.round_s for r in warm),
         "compute_s": statistics.median(r.compute_max_s for r in warm),
         "overhead_s": statistics.median(r.overhead_s for r in warm),
@@ -118,6 +131,9 @@ def _summary(res: FLResult) -> dict[str, Any]:
         "clientapp_start_max_s": max(starts) if starts else None,
         "bytes_per_node_round": int(statistics.median(bytes_node)) if bytes_node else 0,
         "first_round_s": res.rounds[0].round_s,
+        "submit_s": res.submit_s,
+        "run_start_s": res.seconds - res.submit_s - res.serverapp_s,
+        "run_total_s": res.seconds,
         "rounds": len(res.rounds),
         "dropped": len(res.dropped),
         "val_acc": res.final_val_acc,
@@ -167,7 +183,8 @@ def _import_cost() -> dict[str, float]:
 
 def run() -> dict[str, Any]:
     parent = parent_weights()
-    out: dict[str, Any] = {"tuned": {}, "baseline": {}}
+    out: dict[str, Any] = {"tuned": {}, "baseline": {}, "loadavg_start": os.getloadavg()}
+    print(f"machine load average at start: {out['loadavg_start'][0]:.1f} ({os.cpu_count()} cores)")
     fl8: FLResult | None = None
     with tempfile.TemporaryDirectory(prefix="bench-fl-") as tmp:
         root = Path(tmp)
@@ -194,6 +211,8 @@ def run() -> dict[str, Any]:
             f"({b['round_s'] / t['round_s']:.2f}x faster); "
             f"overhead {b['overhead_s']:.2f} s -> {t['overhead_s']:.2f} s"
         )
+    out["loadavg_end"] = os.getloadavg()
+    print(f"machine load average at end: {out['loadavg_end'][0]:.1f}")
     out["accuracy"] = _accuracy(parent, fl8)
     out["targets"] = _targets(out)
     return out
@@ -256,7 +275,11 @@ def _targets(out: dict[str, Any]) -> dict[str, Any]:
 def _line(label: str, s: dict[str, Any]) -> str:
     return (
         f"{label}: round {s['round_s']:.2f} s = compute {s['compute_s']:.2f} s + overhead "
-        f"{s['overhead_s']:.2f} s; ClientApp start {s['clientapp_start_s'] or 0:.2f} s "
+        f"{s['overhead_s']:.2f} s (slowest node: Flower polls+transfer "
+        f"{s['polling_transfer_s'] or 0:.2f} s, ClientApp start {s['slowest_start_s'] or 0:.2f} s; "
+        f"ServerApp outside the train phase {s['server_side_s']:.2f} s); "
+        f"ClientApp start {s['clientapp_start_s'] or 0:.2f} s "
         f"(max {s['clientapp_start_max_s'] or 0:.2f}); {s['bytes_per_node_round']:,} B per node "
-        f"and round; first round {s['first_round_s']:.2f} s; dropped {s['dropped']}"
+        f"and round; first round {s['first_round_s']:.2f} s; dropped {s['dropped']}; "
+        f"`flwr run` {s['submit_s']:.2f} s, then ServerApp start {s['run_start_s']:.2f} s"
     )

@@ -53,6 +53,10 @@ class FLResult:
     final_val_acc: float | None = None
     seconds: float = 0.0
     """From ``flwr run`` to the result file."""
+    submit_s: float = 0.0
+    """The ``flwr run`` command (packing the FAB, submitting over the Control API)."""
+    serverapp_s: float = 0.0
+    """The ServerApp's own run time (first round's sampling to the last validation)."""
     workdir: Path = field(default_factory=Path)
 
 
@@ -188,6 +192,7 @@ def wait_run(
         initial_val_acc=result.initial_val_acc,
         final_val_acc=result.rounds[-1].val_acc if result.rounds else None,
         seconds=time.monotonic() - t0,
+        serverapp_s=result.seconds,
         workdir=out.parent,
     )
 
@@ -208,6 +213,8 @@ def run_federated(
     """
     t0 = time.monotonic()
     run_id, out = start_run(superlink, config, initial_weights, validation, workdir)
+    submitted = time.monotonic()
     result = wait_run(superlink, run_id, out, config, timeout)
     result.seconds = time.monotonic() - t0
+    result.submit_s = submitted - t0
     return result
