@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +93,7 @@ def test_proximal_term_keeps_weights_closer() -> None:
     assert dist(prox.weights) < 0.5 * dist(free.weights)
 
 
-def test_unsupported_models_and_bad_data(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_unsupported_models_and_bad_data(tmp_path: Path) -> None:
     conv = [np.zeros((3, 3, 1, 8), np.float32), np.zeros(8, np.float32)]
     with pytest.raises(FLUnsupportedModel, match="Dense"):
         MLPSpec.from_weights(conv)
@@ -132,3 +133,22 @@ def test_device_side_does_not_import_flower_or_tensorflow() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_reads_the_agents_label_buffer(tmp_path: Path) -> None:
+    from tinyfleet.agent.labels import LabelBuffer
+
+    x, y = _toy(30, 21, 2)
+    with LabelBuffer(tmp_path / "labels.db") as buf:
+        for row, label in zip(x, y, strict=True):
+            buf.add(row, int(label), preprocess="vibration-v1", model="vibration@1")
+        buf.add(np.zeros(5, np.float32), 1, preprocess="other-v1", model="other@1")
+    lx, ly = load_local_data(tmp_path / "labels.db", "vibration-v1")
+    np.testing.assert_allclose(lx, x, rtol=1e-6)
+    np.testing.assert_array_equal(ly, y)
+    assert load_local_data(tmp_path / "labels.db", "other-v1")[0].shape == (1, 5)
+    with pytest.raises(FLDataError, match="cannot read"):
+        load_local_data(tmp_path / "labels.db")  # two widths mixed: refused with a reason
+    (tmp_path / "bad.db").write_bytes(b"not sqlite at all" * 10)
+    with pytest.raises(FLDataError, match="cannot read"):
+        load_local_data(tmp_path / "bad.db")

@@ -6,7 +6,8 @@ what each node pays per round before any training.
 
 A ``train`` message carries ``arrays`` (the global weights in Keras'
 ``get_weights()`` order) and ``config`` (``local-epochs``, ``batch-size``,
-``learning-rate``, ``proximal-mu``, ``min-samples``, ``seed``, ``server-round``).
+``learning-rate``, ``proximal-mu``, ``min-samples``, ``seed``, ``server-round`` and,
+optionally, ``preprocess``: the feature pipeline whose samples the label buffer gives).
 The reply carries the trained ``arrays`` and one ``metrics`` record:
 ``num-examples``, ``train-loss``/``train-acc`` (after training), ``eval-loss``/
 ``eval-acc`` (the *received* global weights on the local data: client-side
@@ -71,11 +72,14 @@ def _train_config(config: ConfigRecord) -> tuple[TrainConfig, int]:
     return tc, int(_cfg(config, "min-samples", 1))
 
 
-def _load(context: Context, min_samples: int) -> tuple[np.ndarray, np.ndarray]:
+def _load(
+    context: Context, config: ConfigRecord, min_samples: int
+) -> tuple[np.ndarray, np.ndarray]:
     path = context.node_config.get("data-path")
     if not isinstance(path, str) or not path:
         raise FLDataError("this SuperNode has no data-path in its node config")
-    x, y = load_local_data(path)
+    preprocess = config.get("preprocess")
+    x, y = load_local_data(path, preprocess if isinstance(preprocess, str) and preprocess else None)
     if x.shape[0] < min_samples:
         raise FLDataError(f"only {x.shape[0]} labelled samples; the run needs {min_samples}")
     return x, y
@@ -94,7 +98,7 @@ def _train(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get("config", ConfigRecord())
         weights = arrays.to_numpy_ndarrays()
         tc, min_samples = _train_config(config)
-        x, y = _load(context, min_samples)
+        x, y = _load(context, config, min_samples)
         eval_loss, eval_acc = evaluate(weights, x, y)
         result = train(weights, x, y, tc)
     except (FLError, KeyError) as exc:
@@ -125,7 +129,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         weights = msg.content.array_records["arrays"].to_numpy_ndarrays()
         config = msg.content.config_records.get("config", ConfigRecord())
         _, min_samples = _train_config(config)
-        x, y = _load(context, min_samples)
+        x, y = _load(context, config, min_samples)
         loss, acc = evaluate(weights, x, y)
     except (FLError, KeyError) as exc:
         return _refuse(msg, exc)

@@ -1,7 +1,7 @@
 """Reading a node's labelled samples for local training.
 
 A node's ``data-path`` is either the agent's label buffer (``labels.db``, read
-through ``tinyfleet.agent.labels.LabelBuffer``) or an ``.npz`` file with arrays
+only through ``tinyfleet.agent.labels.load_labels``) or an ``.npz`` file with arrays
 ``x`` (n, f) float and ``y`` (n,) int (what tests and benchmarks write).
 """
 
@@ -26,8 +26,14 @@ def save_npz_data(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     return path
 
 
-def load_local_data(path: str | Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Features float32 (n, f) and labels int64 (n,) of a node; ``FLDataError`` if unusable."""
+def load_local_data(
+    path: str | Path, preprocess: str | None = None, limit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features float32 (n, f) and labels int64 (n,) of a node; ``FLDataError`` if unusable.
+
+    ``preprocess`` selects the label buffer's samples of that feature pipeline (the
+    model's); ``limit`` keeps the newest samples.
+    """
     p = Path(path)
     if not p.exists():
         raise FLDataError(f"no labelled data at {p}")
@@ -38,16 +44,12 @@ def load_local_data(path: str | Path, limit: int | None = None) -> tuple[np.ndar
         except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
             raise FLDataError(f"cannot read labelled data {p}: {exc}") from exc
     else:
+        from tinyfleet.agent.labels import LabelError, load_labels
+
         try:
-            from tinyfleet.agent.labels import LabelBuffer  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise FLDataError(f"cannot read {p}: the agent's label buffer is unavailable") from exc
-        try:
-            x, y = LabelBuffer(p).load(preprocess=None, limit=limit)
-        except FLDataError:
-            raise
-        except Exception as exc:
-            raise FLDataError(f"cannot read labelled data {p}: {exc}") from exc
+            x, y = load_labels(p, preprocess, limit)  # read-only: the agent keeps writing
+        except LabelError as exc:
+            raise FLDataError(f"cannot read labelled data: {exc}") from exc
     if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise FLDataError(
             f"labelled data {p} has features {tuple(x.shape)} and labels {tuple(y.shape)}"

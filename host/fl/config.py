@@ -51,6 +51,9 @@ class FLRunConfig(BaseModel):
     min_samples: int = Field(1, ge=1)
     """A node with fewer labelled samples refuses the round (error reply with the reason)."""
     seed: int = 0
+    preprocess: str | None = None
+    """Feature pipeline of the model (e.g. ``vibration-v1``): nodes train on the label
+    buffer's samples of that pipeline only (None: all, which must share one width)."""
     fast_grid: bool = True
     """Poll replies every ``poll_interval_s`` with a per-round deadline (False: Flower's stock
     ``send_and_receive``, which sleeps 3 s between pulls; for benchmarks)."""

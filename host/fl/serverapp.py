@@ -375,20 +375,23 @@ def run_server(grid: Grid, job: FLJob, run_id: int) -> FLResultFile:
         # a round without any usable update keeps the previous weights (Flower does too)
         return MetricRecord({"val-acc": rm.val_acc or 0.0})
 
+    train_config = ConfigRecord(
+        {
+            "local-epochs": cfg.local_epochs,
+            "batch-size": cfg.batch_size,
+            "learning-rate": cfg.learning_rate,
+            "min-samples": cfg.min_samples,
+            "seed": cfg.seed,
+        }
+    )
+    if cfg.preprocess:
+        train_config["preprocess"] = cfg.preprocess
     res = strategy.start(
         grid=dgrid,
         initial_arrays=ArrayRecord(initial),  # type: ignore[arg-type]
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout_s,
-        train_config=ConfigRecord(
-            {
-                "local-epochs": cfg.local_epochs,
-                "batch-size": cfg.batch_size,
-                "learning-rate": cfg.learning_rate,
-                "min-samples": cfg.min_samples,
-                "seed": cfg.seed,
-            }
-        ),
+        train_config=train_config,
         evaluate_fn=evaluate_fn,
     )
     final = _cast(res.arrays.to_numpy_ndarrays(), dtypes, initial) if res.arrays else initial
