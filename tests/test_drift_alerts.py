@@ -673,3 +673,40 @@ def test_drift_and_alerts_commands(
     code, out, _ = cli("drift", "decisions", "--json")
     assert code == 0 and [d["decision"] for d in out["decisions"]] == ["too_few_devices"]
     registry.close()
+
+
+def test_a_locked_database_is_retried_and_the_batch_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from tinyfleet.host.db.engine import make_engine
+    from tinyfleet.host.db.migrate import upgrade
+
+    db = tmp_path / "d.db"
+    upgrade(f"sqlite:///{db}")
+    engine = make_engine(f"sqlite:///{db}")
+
+    def short_busy_wait(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA busy_timeout = 100")  # fail fast instead of waiting 10 s
+
+    event.listen(engine, "connect", short_busy_wait)
+    engine.dispose()
+    mon = DriftMonitor(engine, "f1", small_settings())
+    mon.process([("d1", report(0))])
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the lock for a while
+    timer = threading.Timer(0.8, other.rollback)
+    timer.start()
+    try:
+        with caplog.at_level("WARNING"):
+            mon.process([("d1", report(1))])
+    finally:
+        timer.join()
+        other.close()
+    assert "database error (attempt 1" in caplog.text
+    assert mon.stats.errors == 0
+    with engine.connect() as conn:
+        assert conn.execute(select(DriftScoreRow.__table__.c.window)).scalar_one() == 1

@@ -24,12 +24,16 @@
 
 On start it restores each device's baseline and open alerts from the database (the
 k-of-m history starts afresh), so a restart neither loses an alert nor opens it twice.
+A connection-level database error (locked, unreachable) is retried with backoff
+(``WRITE_ATTEMPTS``); if it persists the batch's scores are lost (the raw records stay
+in ``telemetry``), counted in ``stats.errors``, and the monitor goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections import Counter, deque
@@ -41,6 +45,7 @@ from typing import Any
 from sqlalchemy import Engine, Table, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from tinyfleet.agent.drift import ReferenceBundle
 from tinyfleet.agent.protocol import DriftReport, TelemetryRecord
@@ -70,6 +75,8 @@ REJECT_REASONS = ("feature_count", "unknown_version", "not_finite", "internal")
 _TAG_TTL_S = 30.0
 _PROFILE_MISS_TTL_S = 30.0
 _QUEUE_MAX = 100_000
+WRITE_ATTEMPTS = 8
+"""Attempts of a batch's transaction on connection-level database errors (~10 s in all)."""
 
 
 @dataclass(frozen=True)
@@ -382,22 +389,7 @@ class DriftMonitor:
                 "updated_at": now,
             }
 
-        events: list[AlertEvent] = []
-        with self._writes.begin() as conn:
-            if score_rows:
-                stmt = self._insert(DriftScoreRow.__table__)
-                cols = [c for c in next(iter(score_rows.values())) if c not in ("fleet", "device")]
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["fleet", "device"],
-                    set_={c: getattr(stmt.excluded, c) for c in cols},
-                )
-                conn.execute(stmt, list(score_rows.values()))
-            for t in transitions:
-                ev = self._apply_transition(conn, t, now)
-                if ev is not None:
-                    events.append(ev)
-            cohort_events = self._update_cohorts(conn, touched, now)
-            events.extend(cohort_events)
+        events = self._write(score_rows, transitions, touched, now)
         with self._lock:
             self._counts["opened"] += sum(e.kind == "drift_alert" for e in events)
             self._counts["cleared"] += sum(e.kind == "drift_cleared" for e in events)
@@ -411,6 +403,50 @@ class DriftMonitor:
             for key in sorted(touched):
                 self._evaluate_retrain(key)
         return events
+
+    def _write(
+        self,
+        score_rows: dict[str, dict[str, Any]],
+        transitions: list[Transition],
+        touched: set[str],
+        now: datetime,
+    ) -> list[AlertEvent]:
+        """One transaction for a batch; a connection-level error (locked, unreachable) is
+        retried with full-jitter backoff, up to ``WRITE_ATTEMPTS`` attempts."""
+        attempt = 0
+        while True:
+            attempt += 1
+            open_before = dict(self._open)
+            events: list[AlertEvent] = []
+            try:
+                with self._writes.begin() as conn:
+                    if score_rows:
+                        stmt = self._insert(DriftScoreRow.__table__)
+                        first = next(iter(score_rows.values()))
+                        cols = [c for c in first if c not in ("fleet", "device")]
+                        stmt = stmt.on_conflict_do_update(
+                            index_elements=["fleet", "device"],
+                            set_={c: getattr(stmt.excluded, c) for c in cols},
+                        )
+                        conn.execute(stmt, list(score_rows.values()))
+                    for t in transitions:
+                        ev = self._apply_transition(conn, t, now)
+                        if ev is not None:
+                            events.append(ev)
+                    events.extend(self._update_cohorts(conn, touched, now))
+                return events
+            except (OperationalError, InterfaceError) as exc:
+                self._open = open_before  # the rolled-back transaction's alert ids are void
+                if attempt >= WRITE_ATTEMPTS or self._stop.is_set():
+                    raise
+                delay = random.uniform(0.0, min(2.0, 0.05 * 2**attempt))
+                self.log.warning(
+                    "drift monitor: database error (attempt %d, retrying in %.2f s): %s",
+                    attempt,
+                    delay,
+                    " ".join(str(exc.orig or exc).split())[:300],
+                )
+                time.sleep(delay)
 
     # ------------------------------------------------------------------ helpers
 
