@@ -638,7 +638,7 @@ class FLCoordinator:
             self._timings["enabling"] = round(time.monotonic() - t0, 2)
             self._update(run_id, state="training", devices=running, excluded_add=refused)
             data = self._parent_data(parent_run)
-            result = self._train(superlink, req, weights, data, run_id)
+            result = self._train(superlink, req, weights, data, run_id, parent.preprocess)
             self._timings["training"] = round(time.monotonic() - t0 - self._timings["enabling"], 2)
             t1 = time.monotonic()
             self._update(run_id, state="evaluating", result=self._result_json(result, running))
@@ -861,16 +861,19 @@ class FLCoordinator:
         weights: list[np.ndarray],
         data: dict[str, np.ndarray],
         run_id: str,
+        preprocess: str | None = None,
     ) -> Any:
+        """``run_federated``; devices train only on samples of the parent's feature pipeline."""
         workdir = self.workdir / "runs" / run_id
         workdir.mkdir(parents=True, exist_ok=True)
         validation = (data["x_val"], data["y_val"])
+        settings = {**req.flower_config(), "preprocess": preprocess}
         if self._runner is not None:
-            return self._runner(superlink, req.flower_config(), weights, validation, workdir)
+            return self._runner(superlink, settings, weights, validation, workdir)
         from tinyfleet.host.fl.run import FLRunConfig, run_federated
 
         fields = set(FLRunConfig.model_fields)
-        config = FLRunConfig(**{k: v for k, v in req.flower_config().items() if k in fields})
+        config = FLRunConfig(**{k: v for k, v in settings.items() if k in fields})
         return run_federated(superlink, config, weights, validation, workdir)
 
     def _result_json(self, result: Any, devices: list[str]) -> dict[str, Any]:
