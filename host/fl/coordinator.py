@@ -49,6 +49,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -797,16 +798,20 @@ class FLCoordinator:
         folder.mkdir(parents=True, exist_ok=True)
         node_ids: dict[str, int] = {}
         missing: dict[str, str] = {}
-        for d in devices:
-            if d not in keys:
-                missing[d] = f"no SuperNode public key reported within {req.enable_timeout_s:g} s"
-                continue
+
+        def register(d: str) -> None:  # one `flwr supernode register` each, in parallel
             path = folder / f"{d}.pub"
             path.write_text(keys[d] + "\n")
             try:
                 node_ids[d] = int(superlink.register_node(path, name=d))
             except TinyfleetError as exc:
                 missing[d] = f"public key not registered: {exc}"[:500]
+
+        for d in devices:
+            if d not in keys:
+                missing[d] = f"no SuperNode public key reported within {req.enable_timeout_s:g} s"
+        with ThreadPoolExecutor(min(8, max(1, len(keys)))) as pool:
+            list(pool.map(register, [d for d in devices if d in keys]))
         if len(node_ids) < req.min_clients:
             why = "; ".join(f"{d}: {r}" for d, r in sorted(missing.items())[:10])
             raise _RunFailed(
