@@ -17,7 +17,12 @@ A round is timed in the ServerApp from sampling to the end of its validation;
 local compute is the slowest aggregated node's load + evaluate + train time
 (reported by the ClientApp); overhead = round − compute.  "ClientApp start" is the
 time from the ``flwr-clientapp`` process' creation to the handler (Flower's own
-imports and task pull), measured in the process.  Bytes are the model arrays per
+imports and task pull), measured in the process.  The overhead of the node that
+replied last is split into Flower's polls and transfers (its reply time minus its
+ClientApp start and compute: the SuperNode's fixed 3 s idle sleep and 0.5 s reply
+poll, the SuperExec's task poll, HTTP) and its ClientApp start; "ServerApp outside
+the train phase" is sampling, aggregation, validation (and, with Flower's
+defaults, the separate evaluate phase).  Bytes are the model arrays per
 node and round (down + up; protobuf framing excluded).  The first round (cold:
 FAB unpacked, caches) is left out of the medians.
 
