@@ -916,7 +916,7 @@ def run_outage(
         assert sessions == sorted(sessions) and session <= sessions[0]
         assert sessions[-1] < agent.session
         kinds = {r.kind for r in outage}
-        assert kinds == {"heartbeat", "inference"}, kinds
+        assert kinds == {"heartbeat", "inference", "drift"}, kinds
 
 
 @pytest.mark.slow
