@@ -189,7 +189,8 @@ def versioned(registry: Registry, signing_key: Any, tflite: Path) -> Registry:
 
 def _rows(registry: Registry, table: Any) -> list[Any]:
     with registry.engine.connect() as conn:
-        return [r._mapping for r in conn.execute(select(table.__table__))]
+        t = table.__table__
+        return [r._mapping for r in conn.execute(select(t).order_by(*t.primary_key.columns))]
 
 
 class ListSink:
@@ -285,6 +286,19 @@ def test_alerts_are_stored_deduplicated_cleared_and_survive_a_restart(
     assert [(e.kind, e.alert_id) for e in sink2.events] == [("drift_cleared", a["id"])]
     scores = {r["device"]: r for r in _rows(versioned, DriftScoreRow)}
     assert scores["d1"]["window"] == 9 and scores["d1"]["windows"] == 10
+
+    # an alert of a rule taken out of the configuration is cleared on start
+    for w in (10, 11):
+        mon2.process([("d1", report(w, 0.6)), ("d2", report(w))])
+    assert [a["state"] for a in _rows(versioned, AlertRow) if a["device"] == "d1"] == [
+        "cleared",
+        "open",
+    ]
+    only_confidence = small_settings(rules=[small_settings().rules[1]])
+    mon3, _ = _monitor(versioned, settings=only_confidence)
+    mon3.load()
+    (last,) = [a for a in _rows(versioned, AlertRow) if a["device"] == "d1"][1:]
+    assert (last["state"], last["reason"]) == ("cleared", "rule no longer configured")
 
 
 def test_cohort_aggregates_and_cohort_alerts(versioned: Registry) -> None:

@@ -32,7 +32,8 @@ DEVICES = ("d1", "d2", "d3")
 
 def _rows(service: Any, table: Any) -> list[Any]:
     with service.registry.engine.connect() as conn:
-        return [r._mapping for r in conn.execute(select(table.__table__))]
+        t = table.__table__
+        return [r._mapping for r in conn.execute(select(t).order_by(*t.primary_key.columns))]
 
 
 def test_drift_on_devices_becomes_alerts_and_a_retrain_decision(

@@ -270,11 +270,29 @@ class DriftMonitor:
                 )
             ).all()
         open_rules: dict[str, dict[str, int]] = {}
+        configured = {r.name for r in self.settings.rules}
+        orphans = []  # open alerts of a rule no longer configured: nothing would clear them
         for alert in alerts:
+            if alert.device is not None and alert.rule not in configured:
+                orphans.append(alert.id)
+                continue
             if alert.open_key:
                 self._open[alert.open_key] = alert.id
             if alert.device is not None:
                 open_rules.setdefault(alert.device, {})[alert.rule] = int(alert.windows)
+        if orphans:
+            with self._writes.begin() as conn:
+                conn.execute(
+                    update(AlertRow)
+                    .where(a.id.in_(orphans))
+                    .values(
+                        state="cleared",
+                        open_key=None,
+                        cleared_at=datetime.now(UTC),
+                        reason="rule no longer configured",
+                    )
+                )
+            self.log.info("cleared %d open alerts of rules no longer configured", len(orphans))
         for row in rows:
             device = row["device"]
             self._latest[device] = _Latest(
