@@ -32,11 +32,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tinyfleet.agent.protocol import DriftReport
+if TYPE_CHECKING:  # host settings import this module: keep it light
+    from tinyfleet.agent.protocol import DriftReport
 
 __all__ = [
     "STATISTICS",
