@@ -77,9 +77,19 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     try:
         yield f
     finally:
+        tops = [n.pid for n in f.nodes.values() if n.alive()] + [f.superlink.pid]
+        tree = [p for top in tops if top for p in (top, *descendants(top))]
         f.close()
-        pids = [p for n in f.nodes.values() if n.pid for p in descendants(n.pid)]
-        assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+    # every process of the tree is gone: SuperLink, SuperExecs, ServerApps, SuperNodes
+    assert len(tree) >= 2 * len(tops) and not [p for p in tree if _running(p)]
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def test_rounds_converge_and_poisoned_update_is_dropped(fleet: Fleet, tmp_path: Path) -> None:

@@ -184,6 +184,10 @@ class SuperLink:
         return self._proc.log_file
 
     @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    @property
     def root_certificates(self) -> Path | None:
         """The CA file SuperNodes verify this SuperLink with (None when insecure)."""
         return self.tls.ca_cert if self.tls is not None else None
