@@ -33,6 +33,9 @@ from tinyfleet.host.fl.superlink import CONNECTION, SuperLink
 
 __all__ = ["APP_DIR", "FLResult", "FLRunConfig", "run_federated", "start_run", "wait_run"]
 
+STATUS_CHECK_S = 20.0
+"""Seconds between ``flwr ls`` checks of a run's status while waiting for its result."""
+
 APP_DIR = Path(__file__).resolve().parent / "app"
 """The Flower App folder ``flwr run`` packs (a pyproject.toml naming the components)."""
 
@@ -155,7 +158,9 @@ def wait_run(
         )
     t0 = time.monotonic()
     deadline = t0 + timeout
-    next_status = t0 + 5.0
+    # The ServerApp writes result.json on every outcome it can see; `flwr ls` (a CLI process,
+    # ~1.5 s of CPU) only catches a ServerApp that never started, so it is asked rarely.
+    next_status = t0 + STATUS_CHECK_S
     result_path = out / "result.json"
     while not result_path.exists():
         now = time.monotonic()
@@ -173,7 +178,7 @@ def wait_run(
                         f"federated run {run_id} ended ({status}) without a result; "
                         f"see {superlink.log_file}"
                     )
-            next_status = time.monotonic() + 5.0
+            next_status = time.monotonic() + STATUS_CHECK_S
         time.sleep(0.05)
     result = FLResultFile.model_validate_json(result_path.read_text())
     if not result.ok:
