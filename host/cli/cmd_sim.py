@@ -16,7 +16,9 @@ from tinyfleet.host.cli import output
 from tinyfleet.host.cli.app import JsonOpt, app, settings
 from tinyfleet.host.errors import UsageError
 
-sim_app = typer.Typer(help="The device simulator (real agents, simulated sensors).", no_args_is_help=True)
+sim_app = typer.Typer(
+    help="The device simulator (real agents, simulated sensors).", no_args_is_help=True
+)
 chaos_app = typer.Typer(help="Chaos on running simulated devices.", no_args_is_help=True)
 app.add_typer(sim_app, name="sim")
 sim_app.add_typer(chaos_app, name="chaos")
@@ -42,7 +44,8 @@ def _ids(devices: str | None) -> list[str] | None:
 @sim_app.command("up")
 def sim_up(
     devices: Annotated[
-        int | None, typer.Option("--devices", "-n", help="Number of devices (overrides the scenario).")
+        int | None,
+        typer.Option("--devices", "-n", help="Number of devices (overrides the scenario)."),
     ] = None,
     profile: Annotated[
         str | None,
@@ -119,9 +122,7 @@ def sim_up(
 
 @sim_app.command("status")
 def sim_status(
-    per_device: Annotated[
-        bool, typer.Option("--per-device", help="One row per device.")
-    ] = False,
+    per_device: Annotated[bool, typer.Option("--per-device", help="One row per device.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Workers and devices of the running simulator: connected, serving, model, inferences."""
@@ -270,9 +271,7 @@ def chaos_slow_link(
     if delay_ms < 0:
         raise UsageError(f"--delay-ms must be >= 0, not {delay_ms}")
     _positive(for_s, "--for")
-    _chaos(
-        "slow_link", devices, fraction, seed, json_out, delay_s=delay_ms / 1000.0, seconds=for_s
-    )
+    _chaos("slow_link", devices, fraction, seed, json_out, delay_s=delay_ms / 1000.0, seconds=for_s)
 
 
 @chaos_app.command("full-disk")
@@ -295,7 +294,9 @@ def chaos_clock_skew(
     devices: DevicesOpt = None,
     fraction: FractionOpt = None,
     seed: SeedOpt = 0,
-    seconds: Annotated[float, typer.Option(help="Jump of the agents' clocks, s (0 resets).")] = 3600.0,
+    seconds: Annotated[
+        float, typer.Option(help="Jump of the agents' clocks, s (0 resets).")
+    ] = 3600.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Jump the devices' clocks (their timers: heartbeat, chunk timeouts)."""
