@@ -724,3 +724,58 @@ def test_a_locked_database_is_retried_and_the_batch_kept(
     assert mon.stats.errors == 0
     with engine.connect() as conn:
         assert conn.execute(select(DriftScoreRow.__table__.c.window)).scalar_one() == 1
+
+
+def test_drift_on_a_tagged_cohort_retrains_that_cohort_not_the_whole_fleet(
+    versioned: Registry,
+) -> None:
+    from tinyfleet.host.db.tables import DeviceRow
+
+    tags = {"d1": ["line-a"], "d2": ["line-a"], "d3": ["line-b"], "d4": [], "d5": []}
+    with versioned.engine.begin() as conn:
+        for d, t in tags.items():
+            conn.execute(
+                DeviceRow.__table__.insert(),
+                {
+                    "fleet": "f1",
+                    "device": d,
+                    "tags": t,
+                    "groups": [],
+                    "session": 1,
+                    "online": True,
+                    "reported_generation": 0,
+                    "desired_generation": 0,
+                    "updated_at": T0,
+                },
+            )
+    calls: list[tuple[str, list[str]]] = []
+
+    def trigger(cohort: CohortKey, devices: list[str]) -> str | None:
+        calls.append((cohort.key, devices))
+        return f"run-{len(calls)}"
+
+    policy = RetrainPolicy(
+        versioned.engine,
+        "f1",
+        RetrainSettings(
+            min_devices=2,
+            min_fraction=0.2,
+            sustained_windows=1,
+            cooldown_s=0,
+            decision_interval_s=0,
+        ),
+        trigger,
+    )
+    mon, _ = _monitor(versioned, retrain=policy)
+    for w in range(4):
+        mon.process([(d, report(w)) for d in tags])
+    # the two line-a devices drift: 2 of 5 would also qualify the whole fleet (40 %)
+    for w in (4, 5, 6):
+        mon.process([(d, report(w, 0.7 if d in ("d1", "d2") else 0.1)) for d in tags])
+    assert {key for key, _ in calls} == {"line-a|tiny@1"}
+    assert calls[0][1] == ["d1", "d2"]
+    # the untagged devices drift too: those the whole-fleet cohort retrains
+    calls.clear()
+    for w in (7, 8, 9):
+        mon.process([(d, report(w, 0.1 if d == "d3" else 0.7)) for d in tags])
+    assert ("*|tiny@1", ["d4", "d5"]) in calls

@@ -702,9 +702,18 @@ class DriftMonitor:
         need = self.retrain.settings.sustained_windows
         sustained = []
         members = self._members(key)
+        # The whole-fleet cohort (``*``) retrains only devices that no tag cohort covers:
+        # drift on a tagged cohort is that cohort's to retrain (its own data, its rollout).
+        tagged = set()
+        if CohortKey.parse(key).tag == "*":
+            tagged = {dev for dev in members if self._latest[dev].tags}
         for dev in members:
             st = self.rules.state(dev)
-            if st is not None and any(rs.open and rs.windows >= need for rs in st.rules.values()):
+            if (
+                dev not in tagged
+                and st is not None
+                and any(rs.open and rs.windows >= need for rs in st.rules.values())
+            ):
                 sustained.append(dev)
         try:
             self.retrain.evaluate(CohortKey.parse(key), len(members), sustained)

@@ -114,6 +114,9 @@ class FleetService(BaseLinkHandler):
             logger=self.log.getChild("fl"),
             connected=lambda: self.link.connected,
         )
+        # Sustained drift on a cohort starts a federated run unless the caller decides.
+        if retrain_trigger is None and self.drift.retrain is not None:
+            self.drift.retrain.trigger = self.fl.on_retrain
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self.connected = threading.Event()
