@@ -186,3 +186,41 @@ def test_too_few_nodes_and_no_updates(setup: Any) -> None:
         run_server(LocalGrid(clients), _job(tmp, rounds=1, min_clients=2), run_id=1)
     before = evaluate(w0, devs[10].x, devs[10].y)  # the initial weights were never replaced
     assert np.isfinite(before[0])
+
+
+def test_max_samples_reaches_the_clients_which_train_on_their_newest_samples(
+    setup: Any, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+
+    from tinyfleet.agent.fl.clientapp import _load
+    from tinyfleet.agent.labels import LabelBuffer
+
+    _, devs, tmp = setup
+    seen: list[Any] = []
+    clients = {n: trainer_client(d.x, d.y) for n, d in devs.items()}
+
+    def recording(client: Client) -> Client:
+        def answer(msg: Message) -> Message | None:
+            seen.append(dict(msg.content.config_records["config"]))
+            return client(msg)
+
+        return answer
+
+    (tmp / "out").mkdir()
+    grid = LocalGrid({n: recording(c) for n, c in clients.items()})
+    run_server(grid, _job(tmp, rounds=1, min_clients=4, max_samples=7), run_id=1)
+    assert seen and all(cfg["max-samples"] == 7 for cfg in seen)
+
+    # the ClientApp's loader keeps the newest samples of the label buffer
+    buf = LabelBuffer(tmp_path / "labels.db")
+    for i in range(20):
+        buf.add(np.full(3, float(i), dtype=np.float32), i % 2, preprocess="p", model="m@1")
+    buf.close()
+    node = SimpleNamespace(node_config={"data-path": str(tmp_path / "labels.db")})
+    x, y = _load(node, ConfigRecord({"max-samples": 7, "preprocess": "p"}), 1)  # type: ignore[arg-type]
+    assert x[:, 0].tolist() == [float(i) for i in range(13, 20)] and len(y) == 7
+    x, _ = _load(node, ConfigRecord({"preprocess": "p"}), 1)  # type: ignore[arg-type]
+    assert len(x) == 20

@@ -79,7 +79,12 @@ def _load(
     if not isinstance(path, str) or not path:
         raise FLDataError("this SuperNode has no data-path in its node config")
     preprocess = config.get("preprocess")
-    x, y = load_local_data(path, preprocess if isinstance(preprocess, str) and preprocess else None)
+    newest = config.get("max-samples")
+    x, y = load_local_data(
+        path,
+        preprocess if isinstance(preprocess, str) and preprocess else None,
+        int(newest) if isinstance(newest, int) and newest > 0 else None,
+    )
     if x.shape[0] < min_samples:
         raise FLDataError(f"only {x.shape[0]} labelled samples; the run needs {min_samples}")
     return x, y

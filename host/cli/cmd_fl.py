@@ -63,6 +63,10 @@ def fl_run(
     min_samples: Annotated[
         int, typer.Option(help="Labelled samples a device needs to take part.")
     ] = 32,
+    max_samples: Annotated[
+        int | None,
+        typer.Option(help="Train on each device's newest labelled samples only (default: all)."),
+    ] = None,
     enable_timeout: Annotated[
         float, typer.Option(help="Seconds devices may take to start their SuperNode.")
     ] = 60.0,
@@ -95,6 +99,7 @@ def fl_run(
         learning_rate=learning_rate,
         proximal_mu=proximal_mu,
         min_samples=min_samples,
+        max_samples=max_samples,
         enable_timeout_s=enable_timeout,
         auto_rollout=rollout,
         rollout=(

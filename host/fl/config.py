@@ -50,6 +50,9 @@ class FLRunConfig(BaseModel):
     """Nodes Krum assumes may be malicious."""
     min_samples: int = Field(1, ge=1)
     """A node with fewer labelled samples refuses the round (error reply with the reason)."""
+    max_samples: int | None = Field(None, ge=1)
+    """Train on a node's newest samples only (None: all): after a drift, the newest
+    samples are the ones that describe the device as it is now."""
     seed: int = 0
     preprocess: str | None = None
     """Feature pipeline of the model (e.g. ``vibration-v1``): nodes train on the label

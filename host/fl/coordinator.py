@@ -139,6 +139,9 @@ class FLRequest(BaseModel):
     learning_rate: float = Field(0.003, gt=0.0, le=1.0)
     proximal_mu: float = Field(0.0, ge=0.0, le=100.0)
     min_samples: int = Field(DEFAULT_MIN_SAMPLES, ge=1, le=10_000_000)
+    max_samples: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="Train on each device's newest samples."
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     auto_rollout: bool = False
     rollout: dict[str, Any] = Field(
@@ -177,6 +180,7 @@ class FLRequest(BaseModel):
                 "learning_rate",
                 "proximal_mu",
                 "min_samples",
+                "max_samples",
                 "seed",
             }
         )

@@ -386,6 +386,8 @@ def run_server(grid: Grid, job: FLJob, run_id: int) -> FLResultFile:
     )
     if cfg.preprocess:
         train_config["preprocess"] = cfg.preprocess
+    if cfg.max_samples is not None:
+        train_config["max-samples"] = cfg.max_samples
     res = strategy.start(
         grid=dgrid,
         initial_arrays=ArrayRecord(initial),  # type: ignore[arg-type]
