@@ -177,6 +177,9 @@ class Serving:
     """Values in one model input (the features of one sample)."""
     drift: DriftAccumulator | None = None
     """Drift statistics against the version's reference profile (None: disabled)."""
+    monitor: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    """Features and sensor stats from one pass, when the profile monitors sensor stats: the
+    drift statistics then count ``concat(features, stats)``; the model sees the features."""
     drift_window: int = 200
     drift_window_s: float | None = None
     drift_min_samples: int = 1
@@ -728,6 +731,8 @@ class Agent(BaseLinkHandler):
             manifest.classes
         )
         drift_cfg = self.config.drift
+        drift = self._drift_for(activated, max(1, n_classes))
+        monitor = features.get_monitor(activated.bundle.profile.monitor) if drift else None
         self.serving = Serving(
             activated=activated,
             preprocess=features.get_pipeline(manifest.preprocess),
@@ -735,7 +740,8 @@ class Agent(BaseLinkHandler):
             since=_utcnow(),
             n_classes=max(1, n_classes),
             n_inputs=int(np.prod(activated.content.artifact.input.shape[1:])),
-            drift=self._drift_for(activated, max(1, n_classes)),
+            drift=drift,
+            monitor=None if monitor is None else monitor.features_and_stats,
             drift_window=drift_cfg.window or self.window,
             drift_window_s=drift_cfg.window_s,
             drift_min_samples=drift_cfg.min_samples,
@@ -750,13 +756,27 @@ class Agent(BaseLinkHandler):
         profile = activated.bundle.profile
         n_inputs = int(np.prod(content.artifact.input.shape[1:]))
         problem = None
-        if n_inputs != len(profile.features):
+        # a profile may monitor sensor stats after the model's features: both are counted
+        monitor = features.get_monitor(profile.monitor)
+        n_stats = 0 if monitor is None else len(monitor.names)
+        if profile.monitor is not None and (
+            monitor is None or monitor.name != content.manifest.preprocess
+        ):
             problem = (
-                f"the model takes {n_inputs} input features, its reference profile "
-                f"has {len(profile.features)}"
+                f"its reference profile monitors sensor stats of {profile.monitor!r}, "
+                f"which this agent does not have for pipeline {content.manifest.preprocess!r}"
             )
-        elif n_inputs > MAX_DRIFT_FEATURES:
-            problem = f"{n_inputs} input features; drift statistics stop at {MAX_DRIFT_FEATURES}"
+        elif n_inputs != profile.model_inputs or n_inputs + n_stats != len(profile.features):
+            problem = (
+                f"the model takes {n_inputs} input features"
+                + (f" and {profile.monitor} adds {n_stats} sensor stats" if n_stats else "")
+                + f", its reference profile has {len(profile.features)}"
+            )
+        elif n_inputs + n_stats > MAX_DRIFT_FEATURES:
+            problem = (
+                f"{n_inputs + n_stats} input features and sensor stats; drift statistics "
+                f"stop at {MAX_DRIFT_FEATURES}"
+            )
         else:
             try:
                 return DriftAccumulator(profile, n_classes=n_classes, eps=self.config.drift.eps)
@@ -825,7 +845,12 @@ class Agent(BaseLinkHandler):
         if label is not None:
             label = check_label(label, serving.n_classes)
         t0 = time.perf_counter()
-        x = serving.preprocess(np.asarray(raw, dtype=np.float32)[None, ...])
+        batch = np.asarray(raw, dtype=np.float32)[None, ...]
+        stats = None
+        if serving.monitor is not None and serving.drift is not None:
+            x, stats = serving.monitor(batch)  # one pass: the model's features + sensor stats
+        else:
+            x = serving.preprocess(batch)
         probs = serving.activated.model.invoke_one(x[0])
         latency = (time.perf_counter() - t0) * 1000.0
         top = int(np.argmax(probs))
@@ -838,7 +863,8 @@ class Agent(BaseLinkHandler):
             drift = serving.drift
             if drift is not None:
                 try:
-                    drift.add(x[0], probs, label=top, confidence=confidence)
+                    row = x[0] if stats is None else np.concatenate([x[0].ravel(), stats[0]])
+                    drift.add(row, probs, label=top, confidence=confidence)
                 except ValueError as exc:  # features that do not fit the profile after all
                     serving.drift = None
                     with self._locked():

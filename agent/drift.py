@@ -17,6 +17,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_BINS = 10
+TAIL_EDGES = 6
+"""Edges added beyond each end of a sensor stat's quantile edges (see ``quantile_bins``)."""
 CONFIDENCE_EDGES = [0.1 * i for i in range(1, 10)]
 
 
@@ -43,7 +45,14 @@ class FeatureBins(_Frozen):
 
 
 class ReferenceProfile(_Frozen):
-    """What the model's inputs and outputs looked like on held-out data."""
+    """What the model's inputs and outputs looked like on held-out data.
+
+    ``features`` are the model's input features, then (when ``monitor`` names a sensor
+    stat monitor of ``tinyfleet.agent.features``) that monitor's statistics of the raw
+    inputs: the first ``n_inputs`` entries are model inputs, the rest sensor stats.  Drift
+    reports score all of them, in this order.  A profile without ``monitor`` (older
+    bundles, pipelines without a monitor) describes model inputs only.
+    """
 
     n_samples: int = Field(ge=1)
     features: list[FeatureBins]
@@ -51,6 +60,26 @@ class ReferenceProfile(_Frozen):
     confidence_edges: list[float]
     confidence_proportions: list[float]
     mean_confidence: float = Field(ge=0.0, le=1.0)
+    monitor: str | None = Field(None, min_length=1, max_length=64)
+    """Monitor whose sensor stats follow the model's features (None: none)."""
+    n_inputs: int | None = Field(None, ge=1)
+    """How many leading ``features`` are model inputs (set with ``monitor``)."""
+
+    @model_validator(mode="after")
+    def _check_monitor(self) -> ReferenceProfile:
+        if (self.monitor is None) != (self.n_inputs is None):
+            raise ValueError("monitor and n_inputs go together")
+        if self.n_inputs is not None and self.n_inputs >= len(self.features):
+            raise ValueError(
+                f"n_inputs ({self.n_inputs}) leaves no sensor stat among "
+                f"{len(self.features)} features"
+            )
+        return self
+
+    @property
+    def model_inputs(self) -> int:
+        """Number of leading ``features`` that are model inputs."""
+        return len(self.features) if self.n_inputs is None else self.n_inputs
 
 
 class HealthReference(_Frozen):
@@ -83,18 +112,40 @@ class ReferenceBundle(_Frozen):
 
 
 def quantile_bins(
-    values: np.ndarray, n_bins: int = DEFAULT_BINS
+    values: np.ndarray, n_bins: int = DEFAULT_BINS, tails: int = 0
 ) -> tuple[list[float], list[float]]:
     """Interior quantile edges of ``values`` and the share of values in each bin.
 
     Ties (e.g. a constant feature) collapse duplicate edges, so a feature may have
     fewer bins than asked for; proportions are measured, not assumed.
+
+    ``tails`` > 0 adds that many edges beyond each end, spaced 1, 2, 4, … times the mean
+    width of the inner bins: a value that moves past the reference's extremes then still
+    changes bin (and the KS statistic) instead of staying in the first or last open bin.
+    Used for sensor stats, where one device sits at one value and the fleet's extremes
+    are where an offset or a speed change takes a device.
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     qs = np.quantile(v, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
-    edges = np.unique(qs)
+    edges = [float(e) for e in np.unique(qs)]
+    if tails > 0:
+        edges = _with_tails(v, edges, tails)
     proportions = bin_counts(v, edges) / v.size
-    return [float(e) for e in edges], [float(p) for p in proportions]
+    return edges, [float(p) for p in proportions]
+
+
+def _with_tails(values: np.ndarray, edges: list[float], tails: int) -> list[float]:
+    """``edges`` plus ``tails`` edges beyond each end, at 1, 2, 4, … mean inner bin widths."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    lo, hi = (edges[0], edges[-1]) if edges else (float(np.min(v)), float(np.max(v)))
+    width = (hi - lo) / max(len(edges) - 1, 1)
+    if not (width > 0):
+        width = max(abs(lo), abs(hi), 1.0) * 1e-3
+    steps = width * (2.0 ** np.arange(tails))
+    below = [lo - d for d in steps[::-1]]
+    above = [hi + d for d in steps]
+    out = np.unique(np.asarray([*below, *edges, *above], dtype=np.float64))
+    return [float(e) for e in out]
 
 
 def bin_counts(values: np.ndarray, edges: np.ndarray | list[float]) -> np.ndarray:
@@ -108,18 +159,41 @@ def build_profile(
     probabilities: np.ndarray,
     feature_names: list[str] | None = None,
     n_bins: int = DEFAULT_BINS,
+    *,
+    monitor: str | None = None,
+    monitor_stats: np.ndarray | None = None,
+    monitor_names: list[str] | None = None,
 ) -> ReferenceProfile:
-    """Profile of model inputs ``features`` (n, ...) and outputs ``probabilities`` (n, classes)."""
+    """Profile of model inputs ``features`` (n, ...) and outputs ``probabilities`` (n, classes).
+
+    With ``monitor`` (a monitor name), ``monitor_stats`` (n, S) of the same samples are
+    profiled after the features, named ``monitor_names``, with ``TAIL_EDGES`` edges beyond
+    each end of their quantile edges (``quantile_bins``).
+    """
     x = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
     p = np.asarray(probabilities, dtype=np.float64)
     if len(x) != len(p) or len(x) == 0:
         raise ValueError("features and probabilities must have the same, non-zero length")
-    names = feature_names or [f"f{i}" for i in range(x.shape[1])]
+    names = list(feature_names or [f"f{i}" for i in range(x.shape[1])])
     if len(names) != x.shape[1]:
         raise ValueError(f"{len(names)} feature names for {x.shape[1]} features")
+    n_inputs = None
+    if (monitor is None) != (monitor_stats is None):
+        raise ValueError("monitor and monitor_stats go together")
+    if monitor_stats is not None:
+        m = np.asarray(monitor_stats, dtype=np.float64).reshape(len(monitor_stats), -1)
+        if len(m) != len(x) or m.shape[1] == 0:
+            raise ValueError(f"{len(m)} rows of monitor stats for {len(x)} samples")
+        m_names = list(monitor_names or [f"m{i}" for i in range(m.shape[1])])
+        if len(m_names) != m.shape[1]:
+            raise ValueError(f"{len(m_names)} monitor stat names for {m.shape[1]} stats")
+        n_inputs = x.shape[1]
+        x = np.concatenate([x, m], axis=1)
+        names += m_names
     bins = []
     for j, name in enumerate(names):
-        edges, props = quantile_bins(x[:, j], n_bins)
+        tails = TAIL_EDGES if n_inputs is not None and j >= n_inputs else 0
+        edges, props = quantile_bins(x[:, j], n_bins, tails)
         bins.append(FeatureBins(name=name, edges=edges, proportions=props))
     n_classes = p.shape[1]
     priors = np.bincount(p.argmax(axis=1), minlength=n_classes) / len(p)
@@ -132,6 +206,8 @@ def build_profile(
         confidence_edges=list(CONFIDENCE_EDGES),
         confidence_proportions=[float(v) for v in conf_props],
         mean_confidence=float(conf.mean()),
+        monitor=monitor,
+        n_inputs=n_inputs,
     )
 
 

@@ -20,6 +20,7 @@ numpy only: this module runs on the device.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,15 +32,21 @@ __all__ = [
     "FEATURE_NAMES",
     "FEATURE_PIPELINES",
     "FEATURE_SCALE",
+    "MONITORS",
     "ROTATION_SEARCH_HZ",
     "SAMPLE_RATE_HZ",
+    "VIBRATION_MONITOR_NAMES",
     "WINDOW_LEN",
     "FeaturePipeline",
+    "Monitor",
     "estimate_rotation_hz",
+    "get_monitor",
     "get_pipeline",
     "identity_features",
     "vibration_features",
+    "vibration_features_and_stats",
     "vibration_features_batch",
+    "vibration_sensor_stats",
 ]
 
 SAMPLE_RATE_HZ = 1000.0
@@ -217,12 +224,11 @@ def _envelope_features(
     return _log10(peak / (ref + _EPS) + _EPS), modulation
 
 
-def vibration_features_batch(
-    windows: np.ndarray, sample_rate_hz: float = SAMPLE_RATE_HZ
-) -> np.ndarray:
-    """``vibration-v1`` features of windows shaped (n, window_len, 3): float32 (n, F)."""
+def _vibration(windows: np.ndarray, sample_rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over windows (n, window_len, 3): ``vibration-v1`` features and sensor stats."""
     x = _check_windows(windows)
-    x = x - np.mean(x, axis=-1, keepdims=True)  # drop the bias (gravity, offsets)
+    mean = np.mean(x, axis=-1, keepdims=True)  # (n, axes, 1): the bias (gravity, offsets)
+    x = x - mean  # the features never see it
 
     ms = np.mean(x**2, axis=-1)  # (n, axes)
     rms = np.sqrt(ms)
@@ -266,7 +272,40 @@ def vibration_features_batch(
         centroid / f1,
     ]
     raw = np.stack(columns, axis=-1)
-    return ((raw - FEATURE_CENTER) / FEATURE_SCALE).astype(np.float32)
+    features = ((raw - FEATURE_CENTER) / FEATURE_SCALE).astype(np.float32)
+    stats = np.concatenate([mean[:, :, 0], f1[:, None]], axis=-1).astype(np.float32)
+    return features, stats
+
+
+def vibration_features_batch(
+    windows: np.ndarray, sample_rate_hz: float = SAMPLE_RATE_HZ
+) -> np.ndarray:
+    """``vibration-v1`` features of windows shaped (n, window_len, 3): float32 (n, F)."""
+    return _vibration(windows, sample_rate_hz)[0]
+
+
+def vibration_features_and_stats(
+    windows: np.ndarray, sample_rate_hz: float = SAMPLE_RATE_HZ
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features (as ``vibration_features_batch``) and sensor stats (n, 4), from one pass.
+
+    The sensor stats (``VIBRATION_MONITOR_NAMES``) are what the features are built not to
+    see: the mean of each axis in g (the DC offset: gravity, sensor offset, a loose mount)
+    and the running speed in Hz that the features measure every frequency against (the
+    1x peak of the radial spectrum in ``ROTATION_SEARCH_HZ``, the same ``f1``).  They cost
+    nothing beyond the features: both come out of the same FFT.
+    """
+    return _vibration(windows, sample_rate_hz)
+
+
+def vibration_sensor_stats(
+    windows: np.ndarray, sample_rate_hz: float = SAMPLE_RATE_HZ
+) -> np.ndarray:
+    """Sensor stats of windows (n, window_len, 3): float32 (n, 4), see ``VIBRATION_MONITOR_NAMES``."""
+    x = _check_windows(windows)
+    mean = np.mean(x, axis=-1)
+    f1 = _spectra(x - mean[:, :, None], sample_rate_hz)[3]
+    return np.concatenate([mean, f1[:, None]], axis=-1).astype(np.float32)
 
 
 def vibration_features(window: np.ndarray, sample_rate_hz: float = SAMPLE_RATE_HZ) -> np.ndarray:
@@ -301,3 +340,52 @@ def get_pipeline(name: str) -> FeaturePipeline:
     except KeyError:
         known = ", ".join(sorted(FEATURE_PIPELINES))
         raise ConfigError(f"unknown feature pipeline {name!r} (known: {known})") from None
+
+
+VIBRATION_MONITOR_NAMES: list[str] = [
+    "sensor.mean_x",
+    "sensor.mean_y",
+    "sensor.mean_z",
+    "sensor.rotation_hz",
+]
+"""Sensor stats the ``vibration-v1`` monitor adds to the drift statistics, in column order."""
+
+
+@dataclass(frozen=True)
+class Monitor:
+    """Statistics of the raw inputs watched for drift beside a feature pipeline's output.
+
+    ``stats(batch)`` gives (n, len(names)) float32; ``features_and_stats(batch)`` gives
+    the pipeline's features and the stats from one pass (what the agent calls).
+    """
+
+    name: str
+    names: tuple[str, ...]
+    stats: FeaturePipeline
+    features_and_stats: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _vibration_v1_both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return vibration_features_and_stats(batch)
+
+
+def _vibration_v1_stats(batch: np.ndarray) -> np.ndarray:
+    return vibration_sensor_stats(batch)
+
+
+MONITORS: dict[str, Monitor] = {
+    "vibration-v1": Monitor(
+        "vibration-v1",
+        tuple(VIBRATION_MONITOR_NAMES),
+        _vibration_v1_stats,
+        _vibration_v1_both,
+    ),
+}
+"""Feature pipeline name -> its sensor-stat monitor (pipelines without one are absent)."""
+
+
+def get_monitor(name: str | None) -> Monitor | None:
+    """The monitor of feature pipeline ``name``, or None when it has none."""
+    if name is None:
+        return None
+    return MONITORS.get(name)

@@ -253,3 +253,42 @@ def test_vibration_drift_gives_larger_psi_than_clean_windows() -> None:
     # vibration-v1 features are insensitive to a DC offset (rms, crest, spectra of the
     # AC part): a pure bias drift does not show in feature PSI, by design of the features
     assert drifted["bias"] < 0.1
+
+
+def test_vibration_bias_shows_in_the_sensor_stats_not_the_features() -> None:
+    from tinyfleet.agent.features import (
+        FEATURE_NAMES,
+        VIBRATION_MONITOR_NAMES,
+        vibration_features_and_stats,
+    )
+    from tinyfleet.sim.sensors import DeviceParams, Drift, VibrationSensor
+
+    params = DeviceParams.for_device("dev-0", 11)
+
+    def rows(drift_: Drift | None, n: int, seed: int) -> np.ndarray:
+        sensor = VibrationSensor(params, rng=np.random.default_rng(seed), drift=drift_)
+        x, stats = vibration_features_and_stats(sensor.sample(n)[0])
+        return np.concatenate([x, stats], axis=1)
+
+    ref = rows(None, 600, 1)
+    n_in = len(FEATURE_NAMES)
+    probs = np.tile([0.4, 0.2, 0.2, 0.2], (len(ref), 1))
+    profile = drift.build_profile(
+        ref[:, :n_in],
+        probs,
+        FEATURE_NAMES,
+        monitor="vibration-v1",
+        monitor_stats=ref[:, n_in:],
+        monitor_names=VIBRATION_MONITOR_NAMES,
+    )
+
+    def psi(x: np.ndarray) -> np.ndarray:
+        got = window_scores(profile, x, probs[:200])
+        assert got is not None
+        return np.asarray(got["psi"])
+
+    clean, bias = psi(rows(None, 200, 2)), psi(rows(Drift(bias_offset=0.5), 200, 4))
+    # the model's features: no change; every axis' mean: far outside the reference
+    assert np.mean(bias[:n_in]) < 0.1 and np.mean(clean[:n_in]) < 0.1
+    assert max(clean[n_in:]) < 0.5 and min(bias[n_in : n_in + 3]) > 5.0
+    assert bias[-1] < 0.5  # the running speed did not change
