@@ -70,18 +70,40 @@ speed out of the feature pipeline's search range (15-40 Hz).  See docs/drift.md.
 class Classifier:
     model: Any
     profile: Any
+    """Reference profile the devices score against (model features, then sensor stats when
+    ``monitored``)."""
+    monitored: bool = True
 
     def probs(self, features: np.ndarray) -> np.ndarray:
         p: np.ndarray = self.model.predict_proba(features)
         return p
 
+    def without_monitor(self) -> Classifier:
+        """The same classifier with a profile of the model's features only (as before sensor
+        stats were monitored)."""
+        from tinyfleet.agent.drift import ReferenceProfile
 
-def build_classifier(seed: int = SEED, per_class: int = 40) -> Classifier:
-    """A real classifier on clean features of 20 machines; the reference profile of 10 others."""
+        n = self.profile.model_inputs
+        data = self.profile.model_dump()
+        data.update(features=data["features"][:n], monitor=None, n_inputs=None)
+        return Classifier(self.model, ReferenceProfile.model_validate(data), monitored=False)
+
+
+def build_classifier(seed: int = SEED, per_class: int = 40, monitored: bool = True) -> Classifier:
+    """A real classifier on clean features of 20 machines; the reference profile of 10 others.
+
+    ``monitored``: the profile carries the ``vibration-v1`` sensor stats after the features
+    (what the pipeline registers); otherwise the model's features only.
+    """
     from sklearn.linear_model import LogisticRegression
 
     from tinyfleet.agent import drift
-    from tinyfleet.agent.features import FEATURE_NAMES, vibration_features_batch
+    from tinyfleet.agent.features import (
+        FEATURE_NAMES,
+        VIBRATION_MONITOR_NAMES,
+        vibration_features_and_stats,
+        vibration_features_batch,
+    )
     from tinyfleet.sim.sensors import make_fleet_dataset
 
     train_ids = [f"train-{i:03d}" for i in range(20)]
@@ -89,38 +111,58 @@ def build_classifier(seed: int = SEED, per_class: int = 40) -> Classifier:
     w, y, _ = make_fleet_dataset(train_ids, per_class, seed)
     model = LogisticRegression(max_iter=3000).fit(vibration_features_batch(w), y)
     w, y, _ = make_fleet_dataset(ref_ids, per_class, seed)
-    x = vibration_features_batch(w)
-    profile = drift.build_profile(x, model.predict_proba(x), FEATURE_NAMES)
-    return Classifier(model, profile)
+    x, stats = vibration_features_and_stats(w)
+    profile = drift.build_profile(
+        x,
+        model.predict_proba(x),
+        FEATURE_NAMES,
+        monitor="vibration-v1",
+        monitor_stats=stats,
+        monitor_names=VIBRATION_MONITOR_NAMES,
+    )
+    clf = Classifier(model, profile)
+    return clf if monitored else clf.without_monitor()
 
 
 @dataclass
 class DeviceRun:
-    """A device's drift reports (one per window) and per-window accuracy."""
+    """A device's simulated windows (features ``x``, sensor stats ``s``, labels ``y``, one array
+    per window of inferences) and, once scored, its drift reports and per-window accuracy."""
 
     device: str
+    x: list[np.ndarray] = field(default_factory=list)
+    s: list[np.ndarray] = field(default_factory=list)
+    y: list[np.ndarray] = field(default_factory=list)
     reports: list[Any] = field(default_factory=list)
     correct: list[float] = field(default_factory=list)
 
 
-def _windows(
-    clf: Classifier, sensor: Any, n_windows: int, window: int, device: str, run: DeviceRun
-) -> None:
+def _simulate(sensor: Any, n_windows: int, window: int, run: DeviceRun) -> None:
+    """Append ``n_windows`` windows of ``window`` inferences: features, sensor stats, labels."""
+    from tinyfleet.agent.features import vibration_features_and_stats
+
+    for _ in range(n_windows):
+        w, y = sensor.sample(window, CLASS_MIX)
+        x, st = vibration_features_and_stats(w)
+        run.x.append(x)
+        run.s.append(st)
+        run.y.append(y)
+
+
+def score(clf: Classifier, run: DeviceRun) -> DeviceRun:
+    """The run's drift reports against ``clf.profile`` (on-device ``DriftAccumulator``)."""
     from tinyfleet.agent.drift_stats import DriftAccumulator
-    from tinyfleet.agent.features import vibration_features_batch
     from tinyfleet.agent.protocol import DriftReport
 
     t0 = datetime(2026, 11, 26, tzinfo=UTC)
-    for _ in range(n_windows):
-        w, y = sensor.sample(window, CLASS_MIX)
-        x = vibration_features_batch(w)
+    out = DeviceRun(run.device, run.x, run.s, run.y)
+    for k, (x, st, y) in enumerate(zip(run.x, run.s, run.y, strict=True)):
         p = clf.probs(x)
         acc = DriftAccumulator(clf.profile)
-        acc.add_batch(x, p)
+        acc.add_batch(np.concatenate([x, st], axis=1) if clf.monitored else x, p)
         scores = acc.report()
         assert scores is not None
-        k = len(run.reports)
-        run.reports.append(
+        out.reports.append(
             DriftReport(
                 session=1,
                 seq=k,
@@ -136,7 +178,8 @@ def _windows(
                 confidence_shift=scores["confidence_shift"],
             )
         )
-        run.correct.append(float((p.argmax(axis=1) == y).mean()))
+        out.correct.append(float((p.argmax(axis=1) == y).mean()))
+    return out
 
 
 @dataclass
@@ -148,6 +191,11 @@ class Fleet:
     sensors: dict[str, Any]
     onset: int
     total: int
+
+    def scored(self, clf: Classifier) -> Fleet:
+        """The same windows scored against ``clf``'s profile."""
+        clean = {d: score(clf, r) for d, r in self.clean.items()}
+        return Fleet(clean, self.drifted, self.sensors, self.onset, self.total)
 
 
 def simulate_clean(
@@ -162,7 +210,31 @@ def simulate_clean(
     seed: int = SEED,
     drifted_share: float = DRIFTED_SHARE,
 ) -> Fleet:
-    """Every device's windows before onset (the same in every scenario), once."""
+    """Every device's windows before onset (the same in every scenario), once, scored."""
+    return simulate_fleet(
+        devices,
+        window,
+        baseline,
+        clean_monitored=clean_monitored,
+        pre_onset=pre_onset,
+        after_onset=after_onset,
+        seed=seed,
+        drifted_share=drifted_share,
+    ).scored(clf)
+
+
+def simulate_fleet(
+    devices: int,
+    window: int,
+    baseline: int,
+    *,
+    clean_monitored: int = CLEAN_MONITORED,
+    pre_onset: int = PRE_ONSET,
+    after_onset: int = AFTER_ONSET,
+    seed: int = SEED,
+    drifted_share: float = DRIFTED_SHARE,
+) -> Fleet:
+    """Every device's windows before onset (the same in every scenario), not scored."""
     from tinyfleet.sim.sensors import DeviceParams, VibrationSensor, derive_seed
 
     ids = [f"dev-{i:03d}" for i in range(devices)]
@@ -180,16 +252,14 @@ def simulate_clean(
             np.random.default_rng(derive_seed(seed, "bench-drift", device)),
         )
         run = DeviceRun(device)
-        _windows(clf, sensor, onset if device in drifted else clean_total, window, device, run)
+        _simulate(sensor, onset if device in drifted else clean_total, window, run)
         runs[device] = run
         sensors[device] = sensor
     return Fleet(runs, drifted, sensors, onset, total)
 
 
-def drifted_runs(
-    clf: Classifier, fleet: Fleet, window: int, drift_kw: dict[str, Any]
-) -> dict[str, DeviceRun]:
-    """The drifted devices' windows from onset on, under one drift scenario."""
+def simulate_drifted(fleet: Fleet, window: int, drift_kw: dict[str, Any]) -> dict[str, DeviceRun]:
+    """The drifted devices' windows from onset on under one drift scenario (not scored)."""
     import copy
 
     from tinyfleet.sim.sensors import Drift
@@ -199,10 +269,17 @@ def drifted_runs(
         sensor = copy.deepcopy(fleet.sensors[device])  # same state and rng at onset
         sensor.drift = Drift(onset=0, **drift_kw)
         base = fleet.clean[device]
-        run = DeviceRun(device, list(base.reports), list(base.correct))
-        _windows(clf, sensor, fleet.total - fleet.onset, window, device, run)
+        run = DeviceRun(device, list(base.x), list(base.s), list(base.y))
+        _simulate(sensor, fleet.total - fleet.onset, window, run)
         out[device] = run
     return out
+
+
+def drifted_runs(
+    clf: Classifier, fleet: Fleet, window: int, drift_kw: dict[str, Any]
+) -> dict[str, DeviceRun]:
+    """The drifted devices' windows (clean before onset, drifted from onset on), scored."""
+    return {d: score(clf, r) for d, r in simulate_drifted(fleet, window, drift_kw).items()}
 
 
 def evaluate(settings: Any, fleet: Fleet, drifted: dict[str, DeviceRun]) -> dict[str, Any]:
@@ -287,6 +364,40 @@ def statistic_spread(
     }
 
 
+def simulated(
+    devices: int, window: int, baseline: int, scenarios: dict[str, dict[str, Any]]
+) -> tuple[Fleet, dict[str, dict[str, DeviceRun]]]:
+    """The simulated windows (features, sensor stats, labels) of the fleet and every scenario.
+
+    The simulation is the slow part (~1 ms per inference: sensor + features); its output,
+    not the reports, is cached in ``bench/results``, so that a change of the reference
+    profile or of the rules re-runs only the scoring and the rule engine.
+    """
+    key = f"v2-d{devices}-w{window}-b{baseline}-s{SEED}-{CLEAN_MONITORED}-{PRE_ONSET}"
+    cache = Path(__file__).parent / "results" / f"drift-cache-{key}.pkl"
+    cached: dict[str, Any] = {}
+    if cache.is_file():
+        with cache.open("rb") as fh:
+            cached = pickle.load(fh)
+
+    def save() -> None:
+        cache.parent.mkdir(exist_ok=True)
+        with cache.open("wb") as fh:
+            pickle.dump(cached, fh)
+
+    if "fleet" not in cached:
+        cached["fleet"] = simulate_fleet(devices, window, baseline)
+        save()
+    fleet: Fleet = cached["fleet"]
+    out = {}
+    for name, kw in scenarios.items():
+        if name not in cached:
+            cached[name] = simulate_drifted(fleet, window, kw)
+            save()
+        out[name] = cached[name]
+    return fleet, out
+
+
 def run(
     devices: int = DEVICES,
     window: int = WINDOW,
@@ -297,31 +408,22 @@ def run(
     settings = DriftSettings()
     scenarios = scenarios or SCENARIOS
     t0 = time.perf_counter()
-    # The simulation is the slow part (~1 ms per inference window: sensor + features);
-    # its reports are cached so that re-tuning the rules re-runs only the rule engine.
-    key = f"d{devices}-w{window}-b{settings.baseline_windows}-s{SEED}-{CLEAN_MONITORED}-{PRE_ONSET}"
-    cache = Path(__file__).parent / "results" / f"drift-cache-{key}.pkl"
-    cached: dict[str, Any] = {}
-    if cache.is_file():
-        with cache.open("rb") as fh:
-            cached = pickle.load(fh)
+    raw_fleet, raw_runs = simulated(devices, window, settings.baseline_windows, scenarios)
+    t_sim = time.perf_counter() - t0
     clf = build_classifier()
-    if "fleet" in cached:
-        fleet = cached["fleet"]
-    else:
-        fleet = simulate_clean(clf, devices, window, settings.baseline_windows)
-        cached["fleet"] = fleet
-        cache.parent.mkdir(exist_ok=True)
-        with cache.open("wb") as fh:
-            pickle.dump(cached, fh)
-    t_clean = time.perf_counter() - t0
+    plain = clf.without_monitor()
+    fleet = raw_fleet.scored(clf)
+    fleet_plain = raw_fleet.scored(plain)
     rules = ", ".join(
         f"{r.name}: {r.statistic} > {r.threshold:g} on {r.k} of {r.m}" for r in settings.rules
     )
+    n_stats = len(clf.profile.features) - clf.profile.model_inputs
     print(
         f"{devices} devices ({len(fleet.drifted)} drifted), windows of {window} inferences, "
         f"baseline {settings.baseline_windows} windows, onset at window {fleet.onset}; "
-        f"rules: {rules}; clean part simulated in {t_clean:.0f} s"
+        f"rules: {rules}; profile: {clf.profile.model_inputs} model features + {n_stats} "
+        f"sensor stats ({clf.profile.monitor}); simulation {t_sim:.0f} s (cached after the "
+        "first run)"
     )
     results: dict[str, Any] = {
         "devices": devices,
@@ -329,25 +431,30 @@ def run(
         "baseline_windows": settings.baseline_windows,
         "onset": fleet.onset,
         "rules": [r.model_dump() for r in settings.rules],
+        "profile": {
+            "model_features": clf.profile.model_inputs,
+            "sensor_stats": [f.name for f in clf.profile.features[clf.profile.model_inputs :]],
+        },
         "scenarios": {},
     }
     print(
         f"\n  {'scenario':<27} {'<=2 windows':>12} {'<=4':>5} {'false alarms':>17} "
         f"{'accuracy before/after':>22} {'hurt: alerted':>14}   ks_shift clean max | "
-        "drifted p10/median"
+        "drifted p10/median   (features only: <=2, false alarms)"
     )
     all_ok = True
     sweep_runs: list[tuple[str, dict[str, DeviceRun]]] = []
-    for name, kw in scenarios.items():
-        drifted = cached.get(name) or drifted_runs(clf, fleet, window, kw)
-        cached[name] = drifted
-        cached["fleet"] = fleet
-        cache.parent.mkdir(exist_ok=True)
-        with cache.open("wb") as fh:
-            pickle.dump(cached, fh)
+    for name, raw in raw_runs.items():
+        drifted = {d: score(clf, r) for d, r in raw.items()}
         r = evaluate(settings, fleet, drifted)
         spread = statistic_spread(settings, fleet, drifted, "ks_shift")
         r["ks_shift"] = spread
+        r["psi_shift"] = statistic_spread(settings, fleet, drifted, "psi_shift")
+        r0 = evaluate(settings, fleet_plain, {d: score(plain, x) for d, x in raw.items()})
+        r["features_only"] = {
+            k: r0[k]
+            for k in ("detection_rate_2", "detection_rate_4", "false_alarms", "clean_windows")
+        }
         results["scenarios"][name] = r
         sweep_runs.append((name, drifted))
         ok = (
@@ -364,6 +471,7 @@ def run(
             f" {r['hurt_detected_within_2']:>7} / {r['hurt_devices']:<4}"
             f"   {spread['clean_max']:6.2f} | {spread['drift_p10']:.2f} / "
             f"{spread['drift_median']:.2f}  {'ok' if ok else 'MISSED'}"
+            f"   ({r0['detection_rate_2']:.0%}, {r0['false_alarms']})"
         )
     # Threshold sweep of the ks_shift rule (same k of m): the margin either side.
     base_rule = next((r for r in settings.rules if r.statistic == "ks_shift"), None)

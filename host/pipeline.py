@@ -203,14 +203,18 @@ def train_step(
     cal_idx = rng.choice(
         len(dataset.x_train), size=min(CALIBRATION_SAMPLES, len(dataset.x_train)), replace=False
     )
-    np.savez(
-        run.path / "data.npz",
-        x_cal=dataset.x_train[np.sort(cal_idx)],
-        x_val=dataset.x_val,
-        y_val=dataset.y_val,
-        x_eval=dataset.x_test,
-        y_eval=dataset.y_test,
-    )
+    arrays: dict[str, np.ndarray] = {
+        "x_cal": dataset.x_train[np.sort(cal_idx)],
+        "x_val": dataset.x_val,
+        "y_val": dataset.y_val,
+        "x_eval": dataset.x_test,
+        "y_eval": dataset.y_test,
+    }
+    # sensor stats of the validation and evaluation samples (drift reference profile)
+    for key, split in (("m_val", "val"), ("m_eval", "test")):
+        if split in dataset.monitor:
+            arrays[key] = dataset.monitor[split]
+    np.savez(run.path / "data.npz", **arrays)  # type: ignore[arg-type]
     run.write_info(
         {
             "source": "recipe",
@@ -225,6 +229,8 @@ def train_step(
             "classes": list(dataset.class_names),
             "feature_names": dataset.feature_names,
             "preprocess": recipe.preprocess,
+            "monitor": recipe.preprocess if dataset.monitor else None,
+            "monitor_names": dataset.monitor_names if dataset.monitor else None,
             "gates": recipe.gates.model_dump(mode="json"),
             "profiles": list(recipe.profiles.targets),
             "train": {
@@ -365,7 +371,9 @@ def _reference_bundle(
 
     The profile is the validation data's features and the primary artifact's outputs,
     unless one is given (a federated run's profile, merged from its clients' sketches of
-    the data the new version was trained for).
+    the data the new version was trained for).  When the run has the sensor stats of the
+    validation samples (``m_val`` in data.npz, the monitor named in run.json), the profile
+    carries them after the features: devices then watch them too.
     """
     from tinyfleet.agent.runtime import load_model
 
@@ -381,7 +389,18 @@ def _reference_bundle(
             probs = model.predict(x_ref)
         finally:
             model.close()
-        profile = drift.build_profile(x_ref, probs, info.get("feature_names"))
+        monitor = info.get("monitor")
+        if "x_val" in data and "m_val" in data and monitor:
+            profile = drift.build_profile(
+                x_ref,
+                probs,
+                info.get("feature_names"),
+                monitor=monitor,
+                monitor_stats=data["m_val"],
+                monitor_names=info.get("monitor_names"),
+            )
+        else:
+            profile = drift.build_profile(x_ref, probs, info.get("feature_names"))
     if "x_eval" in data:
         hx, hy = drift.pick_health_inputs(data["x_eval"], data["y_eval"], seed=int(info["seed"]))
     else:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from tinyfleet.agent.features import FEATURE_PIPELINES, FeaturePipeline
+from tinyfleet.agent.features import FEATURE_PIPELINES, FeaturePipeline, get_monitor
 from tinyfleet.host.errors import RecipeError
 
 try:
@@ -164,6 +164,14 @@ class Dataset:
     feature_names: list[str] | None = None
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     """Per-sample group labels, e.g. ``"test_device"``: the device of each test sample."""
+    monitor: dict[str, np.ndarray] = field(default_factory=dict)
+    """Sensor stats of the raw inputs per split (``"val"``, ``"test"``, ``"train"``): rows
+    of the recipe's preprocess monitor (``tinyfleet.agent.features.get_monitor``), one per
+    sample of the split.  The drift reference profile carries them after the features, so
+    devices also watch what the features do not see (a sensor offset, the running speed).
+    Empty: the pipeline has no monitor, or the recipe does not provide them."""
+    monitor_names: list[str] | None = None
+    """Names of the monitor's columns (None with an empty ``monitor``)."""
 
     def __post_init__(self) -> None:
         for split in ("train", "val", "test"):
@@ -191,6 +199,21 @@ class Dataset:
             raise RecipeError(
                 f"{len(self.feature_names)} feature names for inputs of shape {self.input_shape}"
             )
+        if self.monitor and not self.monitor_names:
+            raise RecipeError("dataset monitor stats need monitor_names")
+        for split, stats in list(self.monitor.items()):
+            if split not in ("train", "val", "test"):
+                raise RecipeError(f"dataset monitor: unknown split {split!r} (train, val, test)")
+            m = np.ascontiguousarray(stats, dtype=np.float32)
+            n = getattr(self, f"x_{split}").shape[0]
+            if m.ndim != 2 or m.shape[0] != n or m.shape[1] != len(self.monitor_names or []):
+                raise RecipeError(
+                    f"dataset monitor {split!r}: shape {m.shape}, expected ({n}, "
+                    f"{len(self.monitor_names or [])})"
+                )
+            if not np.all(np.isfinite(m)):
+                raise RecipeError(f"dataset monitor {split!r}: values must be finite")
+            self.monitor[split] = m
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -218,6 +241,10 @@ class Dataset:
         h.update(("classes|" + "\x00".join(self.class_names)).encode())
         if self.feature_names is not None:
             h.update(("features|" + "\x00".join(self.feature_names)).encode())
+        for key in sorted(self.monitor):  # nothing added without monitor stats
+            add(f"monitor:{key}", self.monitor[key])
+        if self.monitor:
+            h.update(("monitor|" + "\x00".join(self.monitor_names or [])).encode())
         return h.hexdigest()
 
 
@@ -424,6 +451,15 @@ def load_dataset(recipe: Recipe) -> Dataset:
         raise RecipeError(
             f"recipe {recipe.name!r}: load_data returned {type(dataset).__name__}, not a Dataset"
         )
+    if dataset.monitor:
+        monitor = get_monitor(recipe.preprocess)
+        if monitor is None or list(monitor.names) != dataset.monitor_names:
+            expected = "none" if monitor is None else ", ".join(monitor.names)
+            raise RecipeError(
+                f"recipe {recipe.name!r}: load_data gives sensor stats "
+                f"{dataset.monitor_names}; devices running {recipe.preprocess!r} compute: "
+                f"{expected}"
+            )
     return dataset
 
 

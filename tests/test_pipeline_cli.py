@@ -98,6 +98,30 @@ def test_vibration_int8_on_held_out_devices(home: Path, capfd: pytest.CaptureFix
     assert lineage["quantization"]["tflite-int8"]["inference_input_type"] == "int8"
     assert lineage["code_version"] and lineage["seed"] == out["seed"]
 
+    # the drift reference profile: the model's features, then the sensor stats of the
+    # validation windows (what the features do not see: per-axis mean, running speed)
+    from tinyfleet.agent import drift
+    from tinyfleet.agent.drift import ReferenceBundle
+    from tinyfleet.agent.features import FEATURE_NAMES, VIBRATION_MONITOR_NAMES
+    from tinyfleet.host.registry import Registry
+    from tinyfleet.host.settings import load_settings
+
+    settings = load_settings(home, environ={})
+    registry = Registry(settings.registry_dir, settings.database_url)
+    info = registry.get(f"vibration@{out['version']['number']}")
+    bundle = ReferenceBundle.from_bytes(registry.blob_path(info.reference.sha256).read_bytes())
+    profile = bundle.profile
+    assert profile.monitor == "vibration-v1" and profile.n_inputs == len(FEATURE_NAMES)
+    names = [f.name for f in profile.features]
+    assert names == FEATURE_NAMES + VIBRATION_MONITOR_NAMES
+    inner = profile.features[-1].edges[drift.TAIL_EDGES : -drift.TAIL_EDGES]
+    # the validation fleet runs at 22-30 Hz: the speed's quantile edges lie there
+    assert 20.0 < inner[0] < inner[-1] < 32.0
+    assert len(profile.features[0].edges) == drift.DEFAULT_BINS - 1  # no tails on features
+    data = np.load(Path(out["run"]) / "data.npz")
+    assert data["m_val"].shape == (len(data["x_val"]), len(VIBRATION_MONITOR_NAMES))
+    assert data["m_eval"].shape == (len(data["x_eval"]), len(VIBRATION_MONITOR_NAMES))
+
 
 def test_registry_commands(
     home: Path, digits: dict[str, Any], capfd: pytest.CaptureFixture[str]

@@ -292,3 +292,29 @@ def test_agent_without_monitor_or_with_an_unknown_one(
         assert 0 <= p.label < 4
     finally:
         agent.close(timeout=0.5)
+
+
+def test_dataset_monitor_stats_checked() -> None:
+    from tinyfleet.host.errors import RecipeError
+    from tinyfleet.host.recipes import Dataset
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(6, 3)), np.array([0, 1, 0, 1, 0, 1])
+
+    def ds(**kw: Any) -> Dataset:
+        return Dataset(x, y, x, y, x, y, ["a", "b"], **kw)
+
+    plain = ds()
+    assert plain.monitor == {} and plain.monitor_names is None
+    good = ds(monitor={"val": rng.normal(size=(6, 2))}, monitor_names=["m0", "m1"])
+    assert good.monitor["val"].dtype == np.float32
+    assert good.fingerprint() != plain.fingerprint()
+    for kw, match in (
+        ({"monitor": {"val": np.zeros((6, 2))}}, "monitor_names"),
+        ({"monitor": {"val": np.zeros((5, 2))}, "monitor_names": ["a", "b"]}, "shape"),
+        ({"monitor": {"val": np.zeros((6, 3))}, "monitor_names": ["a", "b"]}, "shape"),
+        ({"monitor": {"cal": np.zeros((6, 2))}, "monitor_names": ["a", "b"]}, "split"),
+        ({"monitor": {"val": np.full((6, 2), np.nan)}, "monitor_names": ["a", "b"]}, "finite"),
+    ):
+        with pytest.raises(RecipeError, match=match):
+            ds(**kw)

@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tinyfleet.agent.features import FEATURE_NAMES, vibration_features_batch
+from tinyfleet.agent.features import (
+    FEATURE_NAMES,
+    VIBRATION_MONITOR_NAMES,
+    vibration_features_and_stats,
+    vibration_features_batch,
+)
 from tinyfleet.host.errors import RecipeError
 from tinyfleet.host.recipes import Dataset
 from tinyfleet.sim.sensors import CLASS_NAMES, make_fleet_dataset
@@ -59,12 +64,22 @@ def raw_split(
 
 
 def load_data(data: dict[str, Any], seed: int) -> Dataset:
-    """Features of balanced windows from disjoint train / validation / test fleets."""
+    """Features of balanced windows from disjoint train / validation / test fleets.
+
+    Also the sensor stats of the validation and test windows (``Dataset.monitor``: per-axis
+    mean and running speed, from the same pass as the features), which the drift reference
+    profile carries after the features.
+    """
     train_ids, val_ids, test_ids = device_split(data)
     splits = {}
+    monitor = {}
     for split, ids in (("train", train_ids), ("val", val_ids), ("test", test_ids)):
         windows, labels, devices = raw_split(ids, data, seed)
-        splits[split] = (featurize(windows), labels, devices)
+        if split == "train":
+            x = featurize(windows)
+        else:
+            x, monitor[split] = vibration_features_and_stats(windows)
+        splits[split] = (x, labels, devices)
     return Dataset(
         x_train=splits["train"][0],
         y_train=splits["train"][1],
@@ -75,6 +90,8 @@ def load_data(data: dict[str, Any], seed: int) -> Dataset:
         class_names=list(CLASS_NAMES),
         feature_names=list(FEATURE_NAMES),
         groups={f"{s}_device": splits[s][2] for s in ("train", "val", "test")},
+        monitor=monitor,
+        monitor_names=list(VIBRATION_MONITOR_NAMES),
     )
 
 
