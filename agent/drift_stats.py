@@ -26,6 +26,15 @@ Scores (per window of ``n`` samples, ``counts`` per bin):
   equal to it when there is an edge between every two consecutive distinct values
   of the pooled samples (e.g. the reference's quantiles at every sample).  With 10
   quantile bins it misses differences inside a bin, never invents one.  In [0, 1].
+  For the **sensor stats** of a monitored profile (the entries after its ``n_inputs``
+  model inputs, see ``ReferenceProfile.monitor``) the ``ks`` entry is the *one-sided*
+  binned statistic ``D+ = max_i (F_ref(e_i) − F_win(e_i))``, clipped to [0, 1]: the
+  share of the reference that lies below where the window is.  A device's sensor stat
+  is nearly one value (its offset, its speed) where the fleet's spreads wide; the
+  two-sided KS of such a point mass at ``x`` is ``max(F(x), 1 − F(x))`` and cannot
+  tell ``x`` from its mirror image across the fleet's median (a 10 % faster machine
+  below the median may score the same), ``D+ = F(x)`` grows with ``x``: any move
+  across an edge changes it.
 * ``js_prediction`` — Jensen–Shannon *distance* (square root of the divergence,
   base 2, in [0, 1]) between the window's distribution of predicted classes
   (argmax counts) and the reference's class priors; the same value as
@@ -174,7 +183,9 @@ class DriftAccumulator:
 
     ``n_classes`` (default: the length of the profile's class priors) must match the
     model's outputs; ``ValueError`` otherwise, and for a profile whose priors are
-    not a distribution.
+    not a distribution.  With a monitored profile, rows are the model's features then
+    the sensor stats (``profile.n_inputs`` + the rest), and the sensor stats' ``ks`` is
+    the one-sided ``D+`` (module docstring).
     """
 
     def __init__(
@@ -226,6 +237,9 @@ class DriftAccumulator:
         self._ref_smooth = (ref + eps) / (1.0 + n_bins[self._seg] * eps)
         # the reference CDF within each feature, at each bin's upper edge
         self._ref_cdf = np.concatenate([np.cumsum(p) for p in ref_props])
+        # sensor stats (after the profile's model inputs) are scored with the one-sided KS
+        self.n_inputs = profile.model_inputs
+        self._one_sided = self._seg >= self.n_inputs
         self.counts = np.zeros(int(n_bins.sum()), dtype=np.int64)
         self.class_counts = [0] * self.n_classes
         self.conf_sum = 0.0
@@ -322,7 +336,8 @@ class DriftAccumulator:
         cum = np.cumsum(self.counts)
         before = np.repeat(np.concatenate([[0], cum[self._starts[1:] - 1]]), self.n_bins)
         win_cdf = (cum - before) / n
-        ks_v = np.minimum(np.maximum.reduceat(np.abs(win_cdf - self._ref_cdf), self._starts), 1.0)
+        diff = np.where(self._one_sided, self._ref_cdf - win_cdf, np.abs(win_cdf - self._ref_cdf))
+        ks_v = np.clip(np.maximum.reduceat(diff, self._starts), 0.0, 1.0)
         mean_conf = min(1.0, max(0.0, self.conf_sum / n))
         return {
             "n": n,

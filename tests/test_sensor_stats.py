@@ -318,3 +318,34 @@ def test_dataset_monitor_stats_checked() -> None:
     ):
         with pytest.raises(RecipeError, match=match):
             ds(**kw)
+
+
+def test_sensor_stats_ks_is_one_sided_and_tells_mirror_positions_apart() -> None:
+    from tinyfleet.agent.drift_stats import DriftAccumulator, ks_binned
+
+    rng = np.random.default_rng(4)
+    fleet = rng.uniform(22.0, 30.0, size=(2000, 1))  # running speeds of a fleet
+    feats = rng.normal(size=(2000, 1))
+    p = np.full((2000, 2), 0.5)
+    profile = drift.build_profile(feats, p, monitor="vibration-v1", monitor_stats=fleet)
+    plain = drift.build_profile(np.concatenate([feats, fleet], axis=1), p)
+
+    def scores(prof: drift.ReferenceProfile, speed: float) -> list[float]:
+        acc = DriftAccumulator(prof)
+        x = np.column_stack([rng.normal(size=200), rng.normal(speed, 0.05, size=200)])
+        acc.add_batch(x.astype(np.float32), p[:200])
+        got = acc.scores()
+        assert got is not None
+        return list(got["ks"])
+
+    # 24.5 Hz and its mirror 27.5 Hz across the fleet's median (26): the same two-sided KS
+    lo, hi = scores(plain, 24.5)[1], scores(plain, 27.5)[1]
+    assert lo == pytest.approx(hi, abs=0.06) and lo >= 0.55
+    # the one-sided D+ is the share of the fleet below the device: it moved
+    d_lo, d_hi = scores(profile, 24.5)[1], scores(profile, 27.5)[1]
+    assert d_lo <= 0.35 and d_hi >= 0.55 and d_hi - d_lo >= 0.25, (d_lo, d_hi)
+    # the model's features keep the two-sided statistic
+    f = profile.features[0]
+    row = scores(profile, 26.0)[0]
+    counts = np.zeros(len(f.edges) + 1)
+    assert 0.0 <= row <= 1.0 and ks_binned(f.edges, f.proportions, counts) == 0.0
