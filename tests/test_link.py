@@ -683,3 +683,36 @@ require_certificate true
             Recorder(),
         )
     assert broker.running
+
+
+@pytest.mark.mqtt
+def test_resync_reported_reads_retained_reports_again_without_duplicating_later_ones(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """What the orchestrator does for a device whose report the host missed."""
+    from tinyfleet.agent.protocol import Topics
+    from tinyfleet.host.fleet.publish import DesiredPublisher
+
+    topics = Topics("f")
+    host_rec = Recorder([(topics.reported("d1").replace("/d1/", "/+/"), 1)])
+    drive = Drive("thread")
+    try:
+        host = drive.add(Link(config(mosquitto, "host"), host_rec))
+        dev = drive.add(Link(config(mosquitto, "dev"), Recorder()))
+        wait_for(lambda: host.connected and dev.connected, what="both connected")
+        dev.publish(topics.reported("d1"), b"first", retain=True)
+        dev.publish(topics.reported("d2"), b"other", retain=True)
+        wait_for(lambda: len(host_rec.messages) == 2, what="the reports")
+
+        publisher = DesiredPublisher(host, topics, None, "f", None)  # type: ignore[arg-type]
+        assert publisher.resync_reported(["d1"]) == 1
+        wait_for(lambda: len(host_rec.payloads(topics.reported("d1"))) == 2, what="d1 again")
+        assert host_rec.messages[-1] == (topics.reported("d1"), b"first", True)
+        # the per-device filter is gone again: a new report arrives exactly once
+        dev.publish(topics.reported("d1"), b"second", retain=True)
+        wait_for(lambda: b"second" in host_rec.payloads(topics.reported("d1")), what="second")
+        time.sleep(0.3)
+        assert host_rec.payloads(topics.reported("d1")).count(b"second") == 1
+        assert host_rec.payloads(topics.reported("d2")) == [b"other"]
+    finally:
+        drive.stop()

@@ -119,3 +119,31 @@ def test_p99_ratio_needs_a_previous_version(registry: Registry) -> None:
         row = _rollout(s, {"a": {"status": "succeeded", "previous": None}})
         assert orch._p99_ratio(s, row, AbortRules()) is None
         assert orch._abort_reason(s, row, NOW) is None
+
+
+def test_a_device_silent_after_its_desired_state_has_its_report_read_again(
+    registry: Registry,
+) -> None:
+    from tinyfleet.host.fleet.rollout import RESYNC_AFTER_S, RESYNC_INTERVAL_S
+
+    orch = _orchestrator(registry)
+    orch._versions["m@2"] = None  # type: ignore[assignment]  # _run_wave only looks it up
+    sent = NOW - timedelta(seconds=RESYNC_AFTER_S + 1)
+    with Session(registry.engine) as s:
+        row = _rollout(
+            s,
+            {
+                "late": {"status": "desired_sent", "generation": 3, "sent_at": sent},
+                "fresh": {"status": "desired_sent", "generation": 3, "sent_at": NOW},
+                "done": {"status": "succeeded", "generation": 3, "sent_at": sent},
+            },
+        )
+        resync: list[str] = []
+        orch._run_wave(s, row, NOW, [], resync)
+        assert resync == ["late"]
+        # not again until the interval has passed
+        resync.clear()
+        orch._run_wave(s, row, NOW + timedelta(seconds=1), [], resync)
+        assert resync == []
+        orch._run_wave(s, row, NOW + timedelta(seconds=RESYNC_INTERVAL_S), [], resync)
+        assert resync == ["late", "fresh"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,23 @@ class DesiredPublisher:
 
     def publish(self, device: str, payload: bytes) -> None:
         self.link.publish(self.topics.desired(device), payload, 1, True)
+
+    def resync_reported(self, devices: Sequence[str], batch: int = 500) -> int:
+        """Ask the broker for these devices' retained reported states again.
+
+        A new subscription to a topic makes the broker send its retained message; the
+        host's wildcard subscription stays, so each filter is unsubscribed right after.
+        A report dropped on its way to a slow host (a full broker queue) is read again
+        this way instead of timing the device out.  Returns how many were asked for.
+        """
+        if not devices or not self.link.connected:
+            return 0
+        filters = [self.topics.reported(d) for d in devices]
+        for i in range(0, len(filters), batch):
+            part = filters[i : i + batch]
+            self.link.subscribe([(f, 1) for f in part])
+            self.link.unsubscribe(part)
+        return len(filters)
 
     def republish_all(self) -> int:
         """Publish every stored desired state again (after a reconnect or a crash)."""

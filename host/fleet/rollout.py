@@ -61,6 +61,12 @@ P99_CHECK_INTERVAL_S = 2.0
 """How often the latency-regression rule reads telemetry (inference windows arrive slowly)."""
 LATENCY_WINDOWS = 20
 """Newest inference windows per device and version that the latency rule compares."""
+RESYNC_AFTER_S = 5.0
+"""A device that has not answered a desired state this long after it was sent has its
+retained reported state asked for again (its report may have been dropped on the way:
+a broker queue full while the host was slow)."""
+RESYNC_INTERVAL_S = 10.0
+"""At most this often per device."""
 _WAVE = re.compile(r"^(?:(\d+)|(\d+(?:\.\d+)?)%)$")
 
 
@@ -208,6 +214,8 @@ class Orchestrator:
         self._versions: dict[str, VersionInfo] = {}
         # rollout id -> (when the latency rule last read telemetry, the ratio it found)
         self._p99_checked: dict[str, tuple[datetime, float | None]] = {}
+        # device -> when its retained reported state was last asked for again
+        self._resynced: dict[str, datetime] = {}
 
     # ------------------------------------------------------------------ commands
 
@@ -404,6 +412,7 @@ class Orchestrator:
 
     def _step_one(self, rid: str, now: datetime) -> None:
         publish: list[tuple[str, bytes]] = []
+        resync: list[str] = []
         # writer(): SQLite's write lock is taken at BEGIN, so a step waits for the ingest
         # instead of failing half-way on "database is locked".
         with Session(writer(self.engine)) as s, s.begin():
@@ -419,7 +428,7 @@ class Orchestrator:
                 self.artifacts.ensure(row.artifact_sha256)
                 self.artifacts.ensure(version.reference.sha256)
             if phase is RolloutPhase.RUNNING:
-                phase = self._run_wave(s, row, now, publish)
+                phase = self._run_wave(s, row, now, publish, resync)
             if phase in (RolloutPhase.RUNNING, RolloutPhase.SOAKING):
                 reason = self._abort_reason(s, row, now)
                 if reason is not None:
@@ -437,7 +446,7 @@ class Orchestrator:
                     row.wave_started_at = now
                     row.soak_until = None
                     phase = rollout_transition(phase, RolloutEvent.NEXT_WAVE)
-                    phase = self._run_wave(s, row, now, publish)
+                    phase = self._run_wave(s, row, now, publish, resync)
                 else:
                     phase = rollout_transition(phase, RolloutEvent.FINISH)
             if phase is RolloutPhase.ABORTING:
@@ -451,6 +460,8 @@ class Orchestrator:
         # publish only what the database now says (after commit)
         for device, payload in publish:
             self.desired.publish(device, payload)
+        if resync:
+            self.desired.resync_reported(resync)
 
     def _apply_command(self, row: RolloutRow, phase: RolloutPhase) -> RolloutPhase:
         cmd, row.command = row.command, None
@@ -509,7 +520,12 @@ class Orchestrator:
         return rollout_transition(RolloutPhase.PENDING, RolloutEvent.START)
 
     def _run_wave(
-        self, s: Session, row: RolloutRow, now: datetime, publish: list[tuple[str, bytes]]
+        self,
+        s: Session,
+        row: RolloutRow,
+        now: datetime,
+        publish: list[tuple[str, bytes]],
+        resync: list[str],
     ) -> RolloutPhase:
         version = self._version(row.model, row.version)
         wave = [d for d in row.devices if d.wave == row.wave]
@@ -563,6 +579,11 @@ class Orchestrator:
                     d.status = DeviceRolloutStatus.TIMED_OUT.value
                     d.done_at = now
                     d.error = f"no report within {row.wave_timeout_s:g} s"
+                elif d.sent_at is not None and now - d.sent_at >= timedelta(seconds=RESYNC_AFTER_S):
+                    last = self._resynced.get(d.device)
+                    if last is None or now - last >= timedelta(seconds=RESYNC_INTERVAL_S):
+                        self._resynced[d.device] = now
+                        resync.append(d.device)
         if all(DeviceRolloutStatus(d.status) in DONE for d in wave):
             row.soak_until = now + timedelta(seconds=row.soak_s)
             return rollout_transition(RolloutPhase.RUNNING, RolloutEvent.WAVE_DONE)
