@@ -6,7 +6,8 @@ machine different: speed, gain, resonance, noise, bias), each mostly running nor
 pipeline; the classifier is a real one (scikit-learn ``LogisticRegression`` trained
 on clean windows of 20 other machines); the reference profile is built with
 ``drift.build_profile`` from clean windows of 10 further machines and that
-classifier's outputs.  Every device runs the on-device ``DriftAccumulator`` over
+classifier's outputs, with the ``vibration-v1`` sensor stats (per-axis mean, running
+speed) after the features, as the pipeline registers it.  Every device runs the on-device ``DriftAccumulator`` over
 windows of ``WINDOW`` inferences (the agent's default ``telemetry.window``), and its
 ``DriftReport`` goes through the host's ``RuleEngine`` with the default
 ``DriftSettings`` (the very code the fleet service runs).
@@ -63,7 +64,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 what the features can see of bias and speed: ``vibration-v1`` subtracts each window's
 mean and measures frequencies in multiples of the running speed, so a bias or speed
 change reaches the model only when it drives the sensor into clipping (+-16 g) or the
-speed out of the feature pipeline's search range (15-40 Hz).  See docs/drift.md."""
+speed out of the feature pipeline's search range (15-40 Hz).  The sensor stats the
+profile carries after the features (per-axis mean, running speed) see them all; the
+"features only" column scores the same windows without them.  See docs/drift.md."""
 
 
 @dataclass
