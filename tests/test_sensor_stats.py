@@ -260,6 +260,12 @@ def test_agent_spools_drift_records_of_features_and_sensor_stats(
         # the z mean (no gravity: the fleet's spread is narrow) leaves the reference's range;
         # a point mass that moves across the fleet's median can keep its KS (x here)
         assert moved[2] > 0.25 and moved[3] < 0.1, moved  # the means, not the speed
+        # the host's drift monitor expects as many entries as the registered profile has
+        from tinyfleet.host.fleet.drift import ProfileSource
+        from tinyfleet.host.registry import Registry
+
+        source = ProfileSource(Registry(tmp_path / "registry"))
+        assert source.feature_count("vib", 1) == len(clean["psi"]) == N_IN + N_STATS
         # the label buffer stores the model's features only
         samples = load_labels(agent.config.paths.state_dir / "labels.db", "vibration-v1")
         assert samples[0].shape == (WINDOW, N_IN)
@@ -290,6 +296,18 @@ def test_agent_without_monitor_or_with_an_unknown_one(
         assert any("vibration-v9" in r.getMessage() for r in caplog.records)
         p = agent.infer(_windows(None, 1)[0][0])  # inference goes on
         assert 0 <= p.label < 4
+    finally:
+        agent.close(timeout=0.5)
+
+    def two_stats(s: np.ndarray) -> dict[str, Any]:
+        return {**_monitored(s[:, :2]), "monitor_names": VIBRATION_MONITOR_NAMES[:2]}
+
+    caplog.clear()
+    agent = _serving_agent(tmp_path / "c", signing_key, vib_model, two_stats)
+    try:
+        assert agent.serving.drift is None  # 21 features + 4 stats do not make 23 entries
+        (msg,) = [r.getMessage() for r in caplog.records if "disabled" in r.getMessage()]
+        assert "4 sensor stats" in msg and "has 23" in msg
     finally:
         agent.close(timeout=0.5)
 
