@@ -102,9 +102,13 @@ class ReferenceBundle(_Frozen):
     health: HealthReference
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            self.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":")
-        ).encode()
+        data = self.model_dump(mode="json", by_alias=True)
+        # a profile without sensor stats is written as before the optional fields existed,
+        # so agents that do not know them still read it
+        for key in ("monitor", "n_inputs"):
+            if data["profile"].get(key) is None:
+                data["profile"].pop(key, None)
+        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ReferenceBundle:

@@ -116,6 +116,13 @@ def test_profile_monitor_fields_validated_and_old_bundles_load() -> None:
     for bad in ({"monitor": "vibration-v1"}, {"n_inputs": 2}, {"monitor": "x", "n_inputs": 3}):
         with pytest.raises(ValueError):
             drift.ReferenceProfile.model_validate({**data, **bad})
+    # a bundle without sensor stats is written exactly as before (older agents read it)
+    health = drift.health_reference(x[:2], np.array([0, 1]), {"a" * 64: p[:2]})
+    blob = drift.ReferenceBundle(profile=plain, health=health).to_bytes()
+    assert b"monitor" not in blob and b"n_inputs" not in blob
+    assert drift.ReferenceBundle.from_bytes(blob).profile == plain
+    blob = drift.ReferenceBundle(profile=profile, health=health).to_bytes()
+    assert drift.ReferenceBundle.from_bytes(blob).profile == profile
     with pytest.raises(ValueError, match="go together"):
         drift.build_profile(x, p, monitor_stats=m)
     with pytest.raises(ValueError, match="rows of monitor stats"):
