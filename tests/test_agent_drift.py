@@ -280,13 +280,19 @@ def test_drift_records_reach_the_host_over_mosquitto(
     )
     from sqlalchemy import select
 
-    from tinyfleet.host.db.tables import TelemetryRow
+    from tinyfleet.host.db.tables import DeviceRow, TelemetryRow
     from tinyfleet.sim.fleet import DeviceSpec
 
     host = make_host(tmp_path / "home", mosquitto)
     host.version(tflite)
     configs = device_configs(host, tmp_path / "devs", [DeviceSpec("dev-d")])
     with running_service(host) as service, running_fleet(configs) as fleet:
+
+        def known() -> list[str]:  # the agent is connected; the host may not know it yet
+            with host.registry.engine.connect() as c:
+                return list(c.execute(select(DeviceRow.device)).scalars())
+
+        wait_until(lambda: "dev-d" in known(), 20)
         rid = start_rollout(service, "tiny@1", ["dev-d"], waves=["100%"], soak_s=0)
         view = wait_rollout(service, rid, ("completed", "rolled_back", "failed"))
         assert view.row["state"] == "completed", view.row["reason"]
