@@ -367,6 +367,41 @@ def statistic_spread(
     }
 
 
+def pipeline_cost(calls: int = 400, repeats: int = 5) -> dict[str, float]:
+    """Microseconds per single window (best of ``repeats`` runs of ``calls``): features
+    alone, features + sensor stats from one pass, features + a separate speed estimate."""
+    from tinyfleet.agent.features import (
+        estimate_rotation_hz,
+        vibration_features_and_stats,
+        vibration_features_batch,
+    )
+    from tinyfleet.sim.sensors import make_fleet_dataset
+
+    one = make_fleet_dataset(["cost-000"], 1, SEED)[0][:1]
+
+    def separate(w: np.ndarray) -> None:
+        vibration_features_batch(w)
+        estimate_rotation_hz(w)
+        w.mean(axis=1)
+
+    out = {}
+    for name, fn in (
+        ("features_us", vibration_features_batch),
+        ("features_and_stats_us", vibration_features_and_stats),
+        ("features_then_separate_stats_us", separate),
+    ):
+        for _ in range(50):
+            fn(one)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(one)
+            best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        out[name] = round(best, 1)
+    return out
+
+
 def simulated(
     devices: int, window: int, baseline: int, scenarios: dict[str, dict[str, Any]]
 ) -> tuple[Fleet, dict[str, dict[str, DeviceRun]]]:
@@ -504,6 +539,13 @@ def run(
                 + "  ".join(f"{v['detection_rate_2']:>12.0%}" for v in row.values())
             )
         results["ks_shift_sweep"] = sweep
+    cost = pipeline_cost()
+    results["pipeline_cost"] = cost
+    print(
+        f"\n  per window: features {cost['features_us']:.0f} us, features + sensor stats (one "
+        f"pass) {cost['features_and_stats_us']:.0f} us, features + separate speed estimate "
+        f"and mean {cost['features_then_separate_stats_us']:.0f} us"
+    )
     results["all_targets_met"] = all_ok
     return results
 
