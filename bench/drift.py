@@ -57,6 +57,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "noise x3": {"noise_factor": 3.0},
     "bias +0.5 g": {"bias_offset": 0.5},
     "speed x1.1": {"speed_factor": 1.1},
+    "bias -0.5 g": {"bias_offset": -0.5},
+    "speed x0.9": {"speed_factor": 0.9},
     "bias +15.5 g (clips)": {"bias_offset": 15.5},
     "speed x1.5 (out of range)": {"speed_factor": 1.5},
 }
