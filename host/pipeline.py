@@ -364,16 +364,13 @@ def evaluate_step(
     return metrics, gates
 
 
-def _reference_bundle(
-    run: RunFolder, metrics: list[Any], profile: drift.ReferenceProfile | None = None
-) -> bytes:
+def _reference_bundle(run: RunFolder, metrics: list[Any]) -> bytes:
     """Drift profile and health-check references.
 
-    The profile is the validation data's features and the primary artifact's outputs,
-    unless one is given (a federated run's profile, merged from its clients' sketches of
-    the data the new version was trained for).  When the run has the sensor stats of the
-    validation samples (``m_val`` in data.npz, the monitor named in run.json), the profile
-    carries them after the features: devices then watch them too.
+    The profile is the validation data's features and the primary artifact's outputs.
+    When the run has the sensor stats of the validation samples (``m_val`` in data.npz,
+    the monitor named in run.json), the profile carries them after the features: devices
+    then watch them too.
     """
     from tinyfleet.agent.runtime import load_model
 
@@ -382,25 +379,24 @@ def _reference_bundle(
     artifacts = _load_artifacts(run)
     by_key = {(a.format, a.precision): a for a in artifacts}
     primary = by_key.get(("tflite", "int8")) or artifacts[0]
-    if profile is None:
-        x_ref = data["x_val"] if "x_val" in data else data["x_cal"]
-        model = load_model(primary.path, primary.format)
-        try:
-            probs = model.predict(x_ref)
-        finally:
-            model.close()
-        monitor = info.get("monitor")
-        if "x_val" in data and "m_val" in data and monitor:
-            profile = drift.build_profile(
-                x_ref,
-                probs,
-                info.get("feature_names"),
-                monitor=monitor,
-                monitor_stats=data["m_val"],
-                monitor_names=info.get("monitor_names"),
-            )
-        else:
-            profile = drift.build_profile(x_ref, probs, info.get("feature_names"))
+    x_ref = data["x_val"] if "x_val" in data else data["x_cal"]
+    model = load_model(primary.path, primary.format)
+    try:
+        probs = model.predict(x_ref)
+    finally:
+        model.close()
+    monitor = info.get("monitor")
+    if "x_val" in data and "m_val" in data and monitor:
+        profile = drift.build_profile(
+            x_ref,
+            probs,
+            info.get("feature_names"),
+            monitor=monitor,
+            monitor_stats=data["m_val"],
+            monitor_names=info.get("monitor_names"),
+        )
+    else:
+        profile = drift.build_profile(x_ref, probs, info.get("feature_names"))
     if "x_eval" in data:
         hx, hy = drift.pick_health_inputs(data["x_eval"], data["y_eval"], seed=int(info["seed"]))
     else:
@@ -425,14 +421,10 @@ def register_step(
     *,
     parent_version: int | None = None,
     extra_lineage: dict[str, Any] | None = None,
-    profile: drift.ReferenceProfile | None = None,
     reporter: Reporter | None = None,
     timings: dict[str, float] | None = None,
 ) -> Any:
-    """Register the run's artifacts as a new version (rejected if a gate failed).
-
-    ``profile`` replaces the drift reference profile built from the run's validation data.
-    """
+    """Register the run's artifacts as a new version (rejected if a gate failed)."""
     from tinyfleet.host.keys import load_signing_key
     from tinyfleet.host.registry import NewArtifact, Registry
 
@@ -442,7 +434,7 @@ def register_step(
     artifacts = _load_artifacts(run)
     with _stage(rep, "register", t):
         signer = load_signing_key(settings.keys_dir)
-        reference = _reference_bundle(run, metrics, profile)
+        reference = _reference_bundle(run, metrics)
         passed = all(g.passed for g in gates)
         lineage = {
             "recipe": info.get("recipe"),
