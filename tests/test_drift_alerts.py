@@ -779,3 +779,27 @@ def test_drift_on_a_tagged_cohort_retrains_that_cohort_not_the_whole_fleet(
     for w in (7, 8, 9):
         mon.process([(d, report(w, 0.1 if d == "d3" else 0.7)) for d in tags])
     assert ("*|tiny@1", ["d4", "d5"]) in calls
+
+
+def test_shift_floors_scale_with_the_window_size() -> None:
+    """A smaller window is noisier: the same deviation from the baseline counts for less."""
+    from tinyfleet.host.fleet.drift_rules import Baseline, window_statistics
+
+    settings = DriftSettings(baseline_windows=3)
+    base = Baseline()
+    for w in range(3):  # a flat baseline: its spread is 0, the floors decide
+        base.add(report(w))
+    big = report(3, 0.16)  # KS 0.06 above the baseline on feature 0
+    at_200 = window_statistics(big, base, settings)["ks_shift"]
+    at_50 = window_statistics(replace_n(big, 50), base, settings)["ks_shift"]
+    assert at_200 == pytest.approx(0.06 / 0.03, rel=1e-3)
+    assert at_50 == pytest.approx(at_200 / 2, rel=1e-3)  # floor x sqrt(200 / 50)
+    # the floors are stated for floor_samples: a setting of 50 restores the unscaled value
+    unscaled = DriftSettings(baseline_windows=3, floor_samples=50)
+    assert window_statistics(replace_n(big, 50), base, unscaled)["ks_shift"] == pytest.approx(
+        at_200, rel=1e-3
+    )
+
+
+def replace_n(r: DriftReport, n: int) -> DriftReport:
+    return r.model_copy(update={"n": n})

@@ -152,6 +152,10 @@ class DriftSettings(_Strict):
     shift_floor_ks: float = Field(0.03, gt=0.0, le=1.0)
     shift_floor_psi: float = Field(0.05, gt=0.0, le=100.0)
     shift_floor_confidence: float = Field(0.01, gt=0.0, le=1.0)
+    floor_samples: int = Field(200, ge=1, le=1_000_000)
+    """Window size the floors are given for.  A window of n samples scales them as its
+    sampling noise does: KS and mean confidence by sqrt(floor_samples / n), PSI by
+    floor_samples / n; so the thresholds keep their false-alarm rate at any window."""
     rules: list[RuleSpec] = Field(default_factory=_default_rules, max_length=32)
     cohort_fraction: float = Field(0.3, gt=0.0, le=1.0)
     """A cohort alert opens when this share of the cohort's devices has an open alert."""
@@ -265,14 +269,18 @@ def window_statistics(
         "confidence_drop_shift": 0.0,
     }
     if ready and baseline is not None and len(baseline.ks_sum) == len(report.ks):
+        ratio = settings.floor_samples / report.n
         stats["ks_shift"] = baseline.shift(
-            list(report.ks), baseline.ks_sum, baseline.ks_sq, settings.shift_floor_ks
+            list(report.ks),
+            baseline.ks_sum,
+            baseline.ks_sq,
+            settings.shift_floor_ks * math.sqrt(ratio),
         )
         stats["psi_shift"] = baseline.shift(
-            list(report.psi), baseline.psi_sum, baseline.psi_sq, settings.shift_floor_psi
+            list(report.psi), baseline.psi_sum, baseline.psi_sq, settings.shift_floor_psi * ratio
         )
         stats["confidence_drop_shift"] = baseline.confidence_drop(
-            report.mean_confidence, settings.shift_floor_confidence
+            report.mean_confidence, settings.shift_floor_confidence * math.sqrt(ratio)
         )
     return stats
 
