@@ -426,6 +426,7 @@ class FeedStats:
     labels_fed: int = 0
     labels_unsupported: int = 0
     per_device: dict[str, int] = field(default_factory=dict)
+    correct_per_device: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -631,6 +632,8 @@ class ScenarioFeed:
                 s.inferences += 1
                 s.correct += int(p.label == labels[j])
                 s.per_device[device] = s.per_device.get(device, 0) + 1
+                if p.label == labels[j]:
+                    s.correct_per_device[device] = s.correct_per_device.get(device, 0) + 1
         return fed
 
     def _infer(self, agent: Any, window: np.ndarray, label: int | None) -> Any:
@@ -683,6 +686,17 @@ class ScenarioFeed:
             except Exception:
                 _log.exception("scenario window %d failed", k)
             k += 1
+
+    def counts(self, devices: list[str] | None = None) -> tuple[int, int]:
+        """Inferences and correct ones so far, of ``devices`` (None: all of this feed's)."""
+        with self._lock:
+            s = self.stats
+            if devices is None:
+                return s.inferences, s.correct
+            return (
+                sum(s.per_device.get(d, 0) for d in devices),
+                sum(s.correct_per_device.get(d, 0) for d in devices),
+            )
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

@@ -281,8 +281,21 @@ def demo_cmd(
 
     from tinyfleet.host.demo import DemoOptions, run_demo
 
-    if not 1 <= devices <= 2000:
-        raise UsageError(f"--devices {devices}: between 1 and 2000 in one demo process")
+    if not 4 <= devices <= 2000:
+        raise UsageError(
+            f"--devices {devices}: between 4 and 2000 in one demo process (at least 3 that "
+            "drift and 1 that does not)"
+        )
+    # The demo says what happens; the services' own log shows only errors (--debug: all).
+    import logging
+
+    from tinyfleet.host.cli.app import _state
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("    %(levelname)s %(name)s: %(message)s"))
+    log = logging.getLogger("tinyfleet")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if _state.debug else logging.ERROR)
     stop = threading.Event()
     if keep:
         for sig in (signal.SIGTERM, signal.SIGINT):
