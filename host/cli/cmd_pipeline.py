@@ -293,22 +293,29 @@ def demo_cmd(
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("    %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG if _state.debug else logging.ERROR)
     log = logging.getLogger("tinyfleet")
+    level = log.level
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if _state.debug else logging.ERROR)
+    if _state.debug:
+        log.setLevel(logging.DEBUG)
     stop = threading.Event()
     if keep:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     say = (lambda _m: None) if quiet else (lambda m: output.err().print(m, highlight=False))
-    with output.reporter(not quiet) as rep:
-        summary = run_demo(
-            settings(),
-            DemoOptions(devices=devices, small=small, broker_url=broker, keep=keep),
-            reporter=rep,
-            say=say,
-            stop=stop,
-        )
+    try:
+        with output.reporter(not quiet) as rep:
+            summary = run_demo(
+                settings(),
+                DemoOptions(devices=devices, small=small, broker_url=broker, keep=keep),
+                reporter=rep,
+                say=say,
+                stop=stop,
+            )
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     if json_out:
         output.emit_json({"steps": summary.steps})
         return
