@@ -71,8 +71,21 @@ def register_version(
     latency_budget_ms: float = 50.0,
     corrupt_expected: bool = False,
     expires_in: Any = None,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    preprocess: str = "identity",
+    classes: list[str] | None = None,
+    lineage: dict[str, Any] | None = None,
+    precision: str = "float32",
+    arena_bytes: int | None = None,
+    profile_kw: dict[str, Any] | None = None,
 ) -> Version:
-    """Register ``tflite`` as a new version with a real reference bundle."""
+    """Register ``tflite`` as a new version with a real reference bundle.
+
+    The profile and health references come from ``x``, ``y`` (default: the tiny model's
+    reference inputs); ``profile_kw`` goes to ``drift.build_profile`` (feature names,
+    sensor stats).
+    """
     from datetime import timedelta
 
     from tinyfleet.agent import drift
@@ -80,8 +93,9 @@ def register_version(
     from tinyfleet.agent.runtime import load_model
     from tinyfleet.host.registry import NewArtifact
 
-    x, y = reference_inputs()
-    m = load_model(tflite, "tflite")
+    if x is None or y is None:
+        x, y = reference_inputs()
+    m = load_model(tflite, "tflite", delegate=False)
     probs = m.predict(x)
     hx, hy = drift.pick_health_inputs(x, y, per_class=2)
     expected = m.predict(hx)
@@ -91,24 +105,30 @@ def register_version(
         expected = np.roll(expected, 1, axis=1)
     sha, _ = digest(tflite)
     bundle = drift.ReferenceBundle(
-        profile=drift.build_profile(x, probs),
+        profile=drift.build_profile(x, probs, **(profile_kw or {})),
         health=drift.health_reference(hx, hy, {sha: expected}, latency_budget_ms=latency_budget_ms),
     ).to_bytes()
     info = registry.register(
         model=model,
         artifacts=[
             NewArtifact(
-                path=tflite, format="tflite", precision="float32", input=spec_in, output=spec_out
+                path=tflite,
+                format="tflite",
+                precision=precision,
+                input=spec_in,
+                output=spec_out,
+                arena_bytes=arena_bytes,
+                min_ram_bytes=arena_bytes,
             )
         ],
         reference=bundle,
-        lineage={"test": True},
+        lineage=lineage or {"test": True},
         metrics={},
         gates=[],
         passed=True,
         rejection_reasons=[],
-        preprocess="identity",
-        classes=[str(i) for i in range(N_CLASSES)],
+        preprocess=preprocess,
+        classes=classes or [str(i) for i in range(N_CLASSES)],
         signer=signer,
         created_by="tests",
         parent_version=None,

@@ -323,16 +323,10 @@ def test_a_run_whose_parent_model_is_gone_fails_with_the_reason(world: World) ->
 
 def _register_with_run(world: World, tflite: Path, run_name: str) -> Any:
     """A version whose lineage names a run folder with a float Keras model and data."""
-    import types
 
     import keras  # type: ignore[import-untyped]
     import numpy as np
     from agent_support import N_CLASSES, N_FEATURES, reference_inputs
-
-    from tinyfleet.agent import drift
-    from tinyfleet.agent.manifest import digest
-    from tinyfleet.agent.runtime import load_model
-    from tinyfleet.host.registry import NewArtifact
 
     run = world.settings.runs_dir / run_name
     run.mkdir(parents=True)
@@ -346,37 +340,9 @@ def _register_with_run(world: World, tflite: Path, run_name: str) -> Any:
     model.save(run / "model.keras")
     x, y = reference_inputs()
     np.savez(run / "data.npz", x_cal=x, x_val=x, y_val=y, x_eval=x, y_eval=y)
-    m = load_model(tflite, "tflite")
-    probs = m.predict(x)
-    hx, hy = drift.pick_health_inputs(x, y, per_class=2)
-    expected = m.predict(hx)
-    spec_in, spec_out = m.input_spec, m.output_spec
-    m.close()
-    sha, _ = digest(tflite)
-    bundle = drift.ReferenceBundle(
-        profile=drift.build_profile(x, probs),
-        health=drift.health_reference(hx, hy, {sha: expected}),
-    ).to_bytes()
-    info = world.registry.register(
-        model="tiny",
-        artifacts=[
-            NewArtifact(
-                path=tflite, format="tflite", precision="float32", input=spec_in, output=spec_out
-            )
-        ],
-        reference=bundle,
-        lineage={"run": run_name},
-        metrics={},
-        gates=[],
-        passed=True,
-        rejection_reasons=[],
-        preprocess="identity",
-        classes=[str(i) for i in range(N_CLASSES)],
-        signer=world.signer,
-        created_by="tests",
-        parent_version=None,
+    return register_version(
+        world.registry, world.signer, tflite, x=x, y=y, lineage={"run": run_name}
     )
-    return types.SimpleNamespace(model="tiny", number=info.number, sha256=sha, info=info)
 
 
 def test_devices_that_never_start_a_supernode_fail_the_run_and_fl_is_cleared(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from agent_support import register_version
 
 from tinyfleet.agent import drift
 from tinyfleet.agent.drift_stats import window_scores
@@ -164,43 +165,24 @@ def _serving_agent(tmp_path: Path, signing_key: Any, vib_model: Any, profile_kw:
     from tinyfleet.agent.activation import activate
     from tinyfleet.agent.agent import Agent
     from tinyfleet.agent.config import AgentConfig
-    from tinyfleet.agent.manifest import digest
     from tinyfleet.agent.runtime import load_model
     from tinyfleet.agent.store import ModelStore
-    from tinyfleet.host.registry import NewArtifact, Registry
+    from tinyfleet.host.registry import Registry
 
     tflite, (x, s, y) = vib_model
-    m = load_model(tflite, "tflite")
-    probs = m.predict(x)
-    hx, hy = drift.pick_health_inputs(x, y, per_class=2)
-    expected = m.predict(hx)
-    spec_in, spec_out = m.input_spec, m.output_spec
-    m.close()
-    sha, _ = digest(tflite)
-    profile = drift.build_profile(x, probs, FEATURE_NAMES, **profile_kw(s))
-    bundle = drift.ReferenceBundle(
-        profile=profile, health=drift.health_reference(hx, hy, {sha: expected})
-    ).to_bytes()
     registry = Registry(tmp_path / "registry")
-    info = registry.register(
+    version = register_version(
+        registry,
+        signing_key,
+        tflite,
         model="vib",
-        artifacts=[
-            NewArtifact(
-                path=tflite, format="tflite", precision="float32", input=spec_in, output=spec_out
-            )
-        ],
-        reference=bundle,
-        lineage={"test": True},
-        metrics={},
-        gates=[],
-        passed=True,
-        rejection_reasons=[],
+        x=x,
+        y=y,
         preprocess="vibration-v1",
         classes=["normal", "imbalance", "misalignment", "bearing_fault"],
-        signer=signing_key,
-        created_by="tests",
-        parent_version=None,
+        profile_kw={"feature_names": FEATURE_NAMES, **profile_kw(s)},
     )
+    info, sha = version.info, version.sha256
     pub = tmp_path / "host.pub"
     pub.write_text(signing_key.public_key_pem)
     cfg = AgentConfig.model_validate(

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from agent_support import register_version
 from fleet_support import (
     device_configs,
     make_host,
@@ -56,40 +57,16 @@ def vibration_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.
 
 
 def _register(host: Any, path: Path, x: np.ndarray, y: np.ndarray) -> None:
-    from tinyfleet.agent import drift
-    from tinyfleet.agent.manifest import digest
-    from tinyfleet.agent.runtime import load_model
-    from tinyfleet.host.registry import NewArtifact
-
-    m = load_model(path, "tflite", delegate=False)
-    probs = m.predict(x)
-    hx, hy = drift.pick_health_inputs(x, y, per_class=2)
-    expected = m.predict(hx)
-    spec_in, spec_out = m.input_spec, m.output_spec
-    m.close()
-    sha, _ = digest(path)
-    bundle = drift.ReferenceBundle(
-        profile=drift.build_profile(x, probs),
-        health=drift.health_reference(hx, hy, {sha: expected}, latency_budget_ms=200.0),
-    ).to_bytes()
-    host.registry.register(
+    register_version(
+        host.registry,
+        host.signer,
+        path,
         model="vib",
-        artifacts=[
-            NewArtifact(
-                path=path, format="tflite", precision="float32", input=spec_in, output=spec_out
-            )
-        ],
-        reference=bundle,
-        lineage={"test": True},
-        metrics={},
-        gates=[],
-        passed=True,
-        rejection_reasons=[],
+        x=x,
+        y=y,
         preprocess="vibration-v1",
         classes=list(CLASS_NAMES),
-        signer=host.signer,
-        created_by="tests",
-        parent_version=None,
+        latency_budget_ms=200.0,
     )
 
 

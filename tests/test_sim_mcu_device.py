@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from agent_support import N_CLASSES, N_FEATURES, reference_inputs
+from agent_support import N_CLASSES, N_FEATURES, reference_inputs, register_version
 from fleet_support import make_host, running_service, wait_rollout, wait_until
 from mqtt_broker import MosquittoBroker
 from mqtt_broker import mosquitto_fixture as mosquitto_fixture
@@ -69,48 +69,15 @@ def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _register_int8(host: Any, path: Path, arena: int) -> Any:
-    from tinyfleet.agent import drift
-    from tinyfleet.agent.manifest import digest
-    from tinyfleet.agent.runtime import load_model
-    from tinyfleet.host.registry import NewArtifact
-
-    x, y = reference_inputs()
-    m = load_model(path, "tflite", delegate=False)  # LiteRT builtin int8 kernels = TFLM's
-    probs = m.predict(x)
-    hx, hy = drift.pick_health_inputs(x, y, per_class=2)
-    expected = m.predict(hx)
-    spec_in, spec_out = m.input_spec, m.output_spec
-    m.close()
-    sha, _ = digest(path)
-    bundle = drift.ReferenceBundle(
-        profile=drift.build_profile(x, probs),
-        health=drift.health_reference(hx, hy, {sha: expected}, latency_budget_ms=200.0),
-    ).to_bytes()
-    return host.registry.register(
+    return register_version(
+        host.registry,
+        host.signer,
+        path,
         model="tiny8",
-        artifacts=[
-            NewArtifact(
-                path=path,
-                format="tflite",
-                precision="int8",
-                input=spec_in,
-                output=spec_out,
-                arena_bytes=arena,
-                min_ram_bytes=arena,
-            )
-        ],
-        reference=bundle,
-        lineage={"test": True},
-        metrics={},
-        gates=[],
-        passed=True,
-        rejection_reasons=[],
-        preprocess="identity",
-        classes=[str(i) for i in range(N_CLASSES)],
-        signer=host.signer,
-        created_by="tests",
-        parent_version=None,
-    )
+        precision="int8",
+        arena_bytes=arena,
+        latency_budget_ms=200.0,
+    ).info
 
 
 def _online(service: Any) -> int:
