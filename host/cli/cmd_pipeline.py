@@ -295,8 +295,9 @@ def demo_cmd(
     handler.setFormatter(logging.Formatter("    %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.DEBUG if _state.debug else logging.ERROR)
     log = logging.getLogger("tinyfleet")
-    level = log.level
+    level, propagate = log.level, log.propagate
     log.addHandler(handler)
+    log.propagate = False  # a library may have configured the root logger
     if _state.debug:
         log.setLevel(logging.DEBUG)
     stop = threading.Event()
@@ -316,6 +317,7 @@ def demo_cmd(
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+        log.propagate = propagate
     if json_out:
         output.emit_json({"steps": summary.steps})
         return
