@@ -144,7 +144,9 @@ def _alive(pid: int | None, marker: str = "tinyfleet") -> bool:
         return False
     if stat.rpartition(")")[2].split()[0] == "Z":  # a zombie has exited
         return False
-    return marker.encode() in cmd
+    # An exiting process has released its memory and shows an empty command line before
+    # it is gone: still running (``down`` waits for it), not a recycled pid.
+    return not cmd or marker.encode() in cmd
 
 
 # --------------------------------------------------------------------------- capacity
