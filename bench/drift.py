@@ -203,31 +203,6 @@ class Fleet:
         return Fleet(clean, self.drifted, self.sensors, self.onset, self.total)
 
 
-def simulate_clean(
-    clf: Classifier,
-    devices: int,
-    window: int,
-    baseline: int,
-    *,
-    clean_monitored: int = CLEAN_MONITORED,
-    pre_onset: int = PRE_ONSET,
-    after_onset: int = AFTER_ONSET,
-    seed: int = SEED,
-    drifted_share: float = DRIFTED_SHARE,
-) -> Fleet:
-    """Every device's windows before onset (the same in every scenario), once, scored."""
-    return simulate_fleet(
-        devices,
-        window,
-        baseline,
-        clean_monitored=clean_monitored,
-        pre_onset=pre_onset,
-        after_onset=after_onset,
-        seed=seed,
-        drifted_share=drifted_share,
-    ).scored(clf)
-
-
 def simulate_fleet(
     devices: int,
     window: int,

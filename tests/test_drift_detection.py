@@ -28,8 +28,7 @@ WINDOW = 100
 def fleet() -> tuple[bench_drift.Classifier, bench_drift.Fleet]:
     clf = bench_drift.build_classifier(per_class=15)
     settings = DriftSettings()
-    fleet = bench_drift.simulate_clean(
-        clf,
+    fleet = bench_drift.simulate_fleet(
         devices=12,
         window=WINDOW,
         baseline=settings.baseline_windows,
@@ -37,7 +36,7 @@ def fleet() -> tuple[bench_drift.Classifier, bench_drift.Fleet]:
         pre_onset=2,
         after_onset=2,
         drifted_share=1 / 3,
-    )
+    ).scored(clf)
     return clf, fleet
 
 
